@@ -1,0 +1,123 @@
+"""`medclf` command line: parse, call the API, map errors to a one-line message and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import CHOICES, TrainConfig
+from .errors import MedclfError
+
+
+def _bool(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes", "on")
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """Every training setting as a flag; unset flags stay None so the config file or defaults apply."""
+    d = TrainConfig()
+    p.add_argument("--model", choices=CHOICES["model"], help=f"architecture (default {d.model})")
+    p.add_argument("--weights", help="none | imagenet | PATH to a medclf model.pt to fine-tune (default none)")
+    p.add_argument("--finetune", choices=CHOICES["finetune"], help="train everything, or only the classifier head")
+    p.add_argument("--size", type=int, help="input side in pixels (default: the data's own size)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="input channels (default: 1 for grayscale data)")
+    p.add_argument("--stem", choices=CHOICES["stem"], help="small: 3×3 stride-1 stem for small images (auto: ≤ 64 px)")
+    p.add_argument("--epochs", type=int, help=f"maximum epochs (default {d.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"images per step (default {d.batch_size})")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3; 0.05 for sgd)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--optimizer", choices=CHOICES["optimizer"], help=f"default {d.optimizer}")
+    p.add_argument("--schedule", choices=CHOICES["schedule"], help="cosine with warmup (default), plateau, constant")
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--label-smoothing", type=float, help=f"default {d.label_smoothing}")
+    p.add_argument("--grad-clip", type=float, help=f"max gradient norm, 0 = off (default {d.grad_clip})")
+    p.add_argument("--patience", type=int, help=f"early stopping patience in epochs, 0 = off (default {d.patience})")
+    p.add_argument("--monitor", choices=CHOICES["monitor"], help=f"validation metric to select on (default {d.monitor})")
+    p.add_argument("--augment", choices=CHOICES["augment"], help=f"augmentation preset (default {d.augment})")
+    p.add_argument("--balance", choices=CHOICES["balance"], help="class imbalance: weighted loss, balanced sampling")
+    p.add_argument("--ema", type=float, help="weight EMA decay, e.g. 0.999 (default off)")
+    p.add_argument("--tta", action="store_const", const=True, help="test-time augmentation (flip) in final evaluation")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--precision", choices=CHOICES["precision"], help="auto: bf16 where the hardware is fast at it")
+    p.add_argument("--channels-last", type=_bool, metavar="BOOL")
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    p.add_argument("--time-budget", type=float, metavar="MIN", help="stop training after about MIN minutes")
+    p.add_argument("--skip-bad", action="store_const", const=True, help="skip unreadable images (listed in the run)")
+    p.add_argument("--no-cache", dest="cache", action="store_const", const=False, help="do not cache decoded images")
+    p.add_argument("--cache-dir", help="decoded-image cache (default $MEDCLF_DATA/stores)")
+    p.add_argument("--out", help="run directory (default runs/<timestamp>-<data>)")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medclf", description="Train, evaluate and explain medical image classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a classifier on DATA")
+    p.add_argument("data", nargs="?", help="folder, .npz, or dataset name (see `medclf datasets`)")
+    add_train_flags(p)
+    p.add_argument("--config", help="config.yaml of an earlier run (flags override it)")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+
+    p = sub.add_parser("evaluate", help="metrics of a trained model on a split of DATA")
+    p.add_argument("model", metavar="RUN_OR_MODEL")
+    p.add_argument("data")
+    p.add_argument("--split", default="test")
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-bad", action="store_true")
+
+    p = sub.add_parser("predict", help="class probabilities for images, folders, or a split of DATA")
+    p.add_argument("model", metavar="RUN_OR_MODEL")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--split", help="treat INPUT as DATA and predict this split")
+    p.add_argument("--out", default="predictions.csv")
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-bad", action="store_true")
+
+    sub.add_parser("datasets", help="the named public datasets and whether each is cached")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import medclf
+
+    if args.command == "train":
+        flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "force")}
+        if not args.data and not args.config and not args.resume:
+            raise MedclfError("give DATA, --config or --resume")
+        medclf.train(args.config, force=args.force, resume=args.resume, **flags)
+    elif args.command == "evaluate":
+        result = medclf.evaluate(args.model, args.data, split=args.split, tta=args.tta, out=args.out,
+                                 device=args.device, skip_bad=args.skip_bad)
+        print(json.dumps(result, indent=2))
+    elif args.command == "predict":
+        rows = medclf.predict(args.model, args.inputs, split=args.split, out=args.out, tta=args.tta,
+                              device=args.device, skip_bad=args.skip_bad)
+        print(f"{len(rows)} prediction(s) → {args.out}")
+    elif args.command == "datasets":
+        from .data.named import available, data_home
+
+        print(f"cache: {data_home()}")
+        for row in available():
+            print(f"{row['name']:<22} {row['classes']:>3} classes  {'cached' if row['cached'] else '-':<7} {row['task']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        return run(args)
+    except MedclfError as exc:
+        print(f"medclf: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medclf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

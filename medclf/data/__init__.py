@@ -1,0 +1,1 @@
+"""Data in: sources → decoded uint8 store → augmented batches."""

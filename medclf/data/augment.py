@@ -1,0 +1,110 @@
+"""Batched augmentation and preprocessing on tensors: no per-image Python on the hot path.
+
+uint8 N×C×H×W batch → float N×C×S×S, normalised. Geometric augmentation (flip, random resized
+crop, rotation) is one random affine matrix per image, applied to the whole batch with a single
+`grid_sample`, which also resizes to the model's input size S. TrivialAugmentWide runs from
+torchvision on small groups of images (one random op per group), and RandomErasing is a
+per-image rectangle mask built with broadcasting.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentPreset:
+    flip: float = 0.0  # probability of a horizontal flip
+    scale: tuple[float, float] = (1.0, 1.0)  # area fraction kept by the random resized crop
+    ratio: tuple[float, float] = (1.0, 1.0)  # aspect ratio range of the crop
+    rotate: float = 0.0  # max rotation, degrees
+    trivial: bool = False  # TrivialAugmentWide
+    trivial_group: int = 8  # images sharing one TrivialAugment op
+    erase: float = 0.0  # probability of RandomErasing
+
+
+PRESETS = {
+    "none": AugmentPreset(),
+    "light": AugmentPreset(flip=0.5, scale=(0.75, 1.0), ratio=(0.9, 1.1), rotate=10.0),
+    "strong": AugmentPreset(flip=0.5, scale=(0.5, 1.0), ratio=(0.8, 1.25), rotate=15.0, trivial=True, erase=0.25),
+}
+
+
+def affine_matrices(n: int, preset: AugmentPreset, generator: torch.Generator | None = None) -> torch.Tensor:
+    """N×2×3 matrices mapping output coordinates to input coordinates (normalised [-1, 1])."""
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+    area = uniform(*preset.scale)
+    log_ratio = uniform(math.log(preset.ratio[0]), math.log(preset.ratio[1]))
+    aspect = torch.exp(log_ratio)
+    sx = torch.sqrt(area * aspect).clamp(max=1.0)  # crop width as a fraction of the image
+    sy = torch.sqrt(area / aspect).clamp(max=1.0)
+    tx = (1 - sx) * (2 * torch.rand(n, generator=generator) - 1)  # keep the crop inside the image
+    ty = (1 - sy) * (2 * torch.rand(n, generator=generator) - 1)
+    angle = torch.deg2rad(uniform(-preset.rotate, preset.rotate))
+    flip = torch.where(torch.rand(n, generator=generator) < preset.flip, -1.0, 1.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = sx * cos * flip
+    theta[:, 0, 1] = -sy * sin
+    theta[:, 1, 0] = sx * sin * flip
+    theta[:, 1, 1] = sy * cos
+    theta[:, 0, 2] = tx
+    theta[:, 1, 2] = ty
+    return theta
+
+
+def geometric(x: torch.Tensor, size: int, preset: AugmentPreset, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random flip + resized crop + rotation for a float batch, output S×S."""
+    theta = affine_matrices(x.shape[0], preset, generator).to(x.device, x.dtype)
+    grid = F.affine_grid(theta, [x.shape[0], x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def trivial_augment(x_uint8: torch.Tensor, group: int) -> torch.Tensor:
+    """TrivialAugmentWide with one random op per group of images (torchvision applies one op per call)."""
+    from torchvision.transforms import v2
+
+    op = v2.TrivialAugmentWide()
+    return torch.cat([op(chunk) for chunk in x_uint8.split(group)])
+
+
+def random_erase(x: torch.Tensor, p: float, generator: torch.Generator | None = None,
+                 scale: tuple[float, float] = (0.02, 0.2), ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
+    """RandomErasing (zeros) on each image with probability p, rectangles drawn per image."""
+    n, _, h, w = x.shape
+    area = (scale[0] + (scale[1] - scale[0]) * torch.rand(n, generator=generator)) * h * w
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(n, generator=generator))
+    eh = torch.sqrt(area * aspect).clamp(1, h)
+    ew = torch.sqrt(area / aspect).clamp(1, w)
+    top = torch.rand(n, generator=generator) * (h - eh)
+    left = torch.rand(n, generator=generator) * (w - ew)
+    apply = torch.rand(n, generator=generator) < p
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    inside = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+              & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1)) & apply.view(n, 1, 1))
+    return x.masked_fill(inside.unsqueeze(1).to(x.device), 0.0)
+
+
+def prepare_batch(x_uint8: torch.Tensor, size: int, mean: list[float], std: list[float], channels: int,
+                  preset: AugmentPreset | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 batch (on its target device) → normalised float batch at the model's size and channel count."""
+    if preset is not None and preset.trivial:
+        x_uint8 = trivial_augment(x_uint8, preset.trivial_group)
+    x = x_uint8.float().div_(255.0)
+    if x.shape[1] != channels:
+        x = x.expand(-1, 3, -1, -1) if channels == 3 else x.mean(1, keepdim=True)
+    if preset is not None and preset != PRESETS["none"]:
+        x = geometric(x, size, preset, generator)
+    elif x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    if preset is not None and preset.erase > 0:
+        x = random_erase(x, preset.erase, generator)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s

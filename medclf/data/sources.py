@@ -1,0 +1,203 @@
+"""Where images come from: split folders, class folders, MedMNIST-style .npz files, named datasets.
+
+A `Source` lists, per split, what to decode (file paths or npz rows) and the integer labels;
+`store.py` turns it into one uint8 tensor per split.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MedclfError
+from . import named, splits
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    """One split: labels plus either file paths (folders) or row indices into an npz array."""
+
+    labels: np.ndarray  # int64, -1 where unknown
+    paths: list[str] | None = None
+    npz_key: str | None = None  # e.g. "train" for train_images
+    rows: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def ids(self) -> list[str]:
+        """A stable identifier per image: its path, or its row index in the npz."""
+        if self.paths is not None:
+            return list(self.paths)
+        return [str(int(r)) for r in self.rows]
+
+
+@dataclass
+class Source:
+    name: str
+    kind: str  # "folder" | "npz"
+    root: Path
+    classes: list[str]
+    splits: dict[str, Split] = field(default_factory=dict)
+    generated_splits: dict[str, str] = field(default_factory=dict)  # split -> how it was made
+
+    def load_npz(self):
+        return np.load(self.root, mmap_mode="r")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """All image files under folder, recursively, in a stable order."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _read_class_folders(folder: Path) -> dict[str, list[str]]:
+    """{class name: [image paths]} for a folder of class sub-folders."""
+    classes = {}
+    for d in _class_dirs(folder):
+        files = [str(p) for p in list_images(d)]
+        if not files:
+            raise MedclfError(f"class folder has no images: {d}")
+        classes[d.name] = files
+    if not classes:
+        raise MedclfError(f"no class sub-folders in {folder} (expected {folder}/<class>/<image>)")
+    return classes
+
+
+def _folder_split(by_class: dict[str, list[str]], classes: list[str], where: Path) -> Split:
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(by_class) - set(index))
+    if unknown:
+        raise MedclfError(f"{where} has class(es) {', '.join(unknown)} that train lacks (classes: {', '.join(classes)})")
+    paths, labels = [], []
+    for name, files in by_class.items():
+        paths += files
+        labels += [index[name]] * len(files)
+    return Split(labels=np.asarray(labels, dtype=np.int64), paths=paths)
+
+
+def open_folder(root: Path, classes: list[str] | None, seed: int, val_fraction: float, test_fraction: float) -> Source:
+    split_dirs = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()}
+    if split_dirs:
+        found = {s: _read_class_folders(d) for s, d in split_dirs.items()}
+        if classes is None:
+            if "train" not in found:
+                raise MedclfError(f"{root} has no train/ split; pass a trained model to evaluate a {'/'.join(found)} split")
+            classes = sorted(found["train"])
+        source = Source(root.name, "folder", root, list(classes))
+        for s, by_class in found.items():
+            source.splits[s] = _folder_split(by_class, source.classes, split_dirs[s])
+    else:
+        by_class = _read_class_folders(root)
+        classes = list(classes) if classes is not None else sorted(by_class)
+        whole = _folder_split(by_class, classes, root)
+        source = Source(root.name, "folder", root, classes)
+        parts = splits.stratified_split(whole.labels, val_fraction, test_fraction, seed)
+        for s, idx in parts.items():
+            source.splits[s] = Split(labels=whole.labels[idx], paths=[whole.paths[i] for i in idx])
+            source.generated_splits[s] = f"stratified {len(idx)}/{len(whole)} of the class folders, seed {seed}"
+    return source
+
+
+def open_npz(path: Path, classes: list[str] | None, class_names: list[str] | None = None) -> Source:
+    try:
+        archive = np.load(path, mmap_mode="r")
+        keys = set(archive.files)
+    except Exception as exc:  # zipfile/pickle errors vary by numpy version
+        raise MedclfError(f"cannot read {path} as an .npz file: {exc}") from None
+    present = [s for s in SPLIT_NAMES if f"{s}_images" in keys]
+    if not present:
+        raise MedclfError(f"{path} has no <split>_images arrays (found keys: {', '.join(sorted(keys)) or 'none'}); "
+                          "expected MedMNIST layout: train_images, train_labels, val_images, ...")
+    label_sets = {}
+    for s in present:
+        if f"{s}_labels" not in keys:
+            raise MedclfError(f"{path} has {s}_images but no {s}_labels")
+        images, labels = archive[f"{s}_images"], np.asarray(archive[f"{s}_labels"])
+        if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+            raise MedclfError(f"{path}: {s}_images must be N×H×W or N×H×W×3, got shape {images.shape}")
+        if labels.ndim == 2 and labels.shape[1] != 1:
+            raise MedclfError(f"{path}: {s}_labels has shape {labels.shape}; multi-label data is not supported")
+        labels = labels.reshape(-1).astype(np.int64)
+        if len(labels) != len(images):
+            raise MedclfError(f"{path}: {s}_images has {len(images)} rows but {s}_labels has {len(labels)}")
+        label_sets[s] = labels
+    top = max(int(l.max()) for l in label_sets.values() if len(l))
+    if classes is None:
+        classes = class_names if class_names and len(class_names) > top else [str(i) for i in range(top + 1)]
+    for s, labels in label_sets.items():
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise MedclfError(f"{path}: {s}_labels out of range: values must be in 0..{len(classes) - 1}, "
+                              f"found {labels.min()}..{labels.max()}")
+    source = Source(path.stem, "npz", path, list(classes))
+    for s, labels in label_sets.items():
+        source.splits[s] = Split(labels=labels, npz_key=s, rows=np.arange(len(labels)))
+    return source
+
+
+def ensure_val_split(source: Source, val_fraction: float, seed: int) -> None:
+    """Carve a stratified validation split out of train when the data has none."""
+    if "val" in source.splits or "train" not in source.splits:
+        return
+    train = source.splits["train"]
+    parts = splits.stratified_split(train.labels, val_fraction, 0.0, seed)
+    for s, idx in parts.items():
+        source.splits[s] = _subset(train, idx)
+        source.generated_splits[s] = f"stratified {len(idx)}/{len(train)} of train, seed {seed}"
+
+
+def _subset(split: Split, idx: np.ndarray) -> Split:
+    return Split(labels=split.labels[idx],
+                 paths=[split.paths[i] for i in idx] if split.paths is not None else None,
+                 npz_key=split.npz_key,
+                 rows=split.rows[idx] if split.rows is not None else None)
+
+
+def open_source(data: str | os.PathLike, classes: list[str] | None = None, seed: int = 0,
+                val_fraction: float = 0.1, test_fraction: float = 0.1) -> Source:
+    """Open DATA: a folder, an .npz file, or a named public dataset (downloaded on first use).
+
+    `classes` (from a trained model) fixes the label order; data with other classes is an error.
+    """
+    text = str(data)
+    path = Path(text).expanduser()
+    class_names = None
+    if not path.exists():
+        if not named.is_named(text):
+            raise MedclfError(f"data not found: {text} (a folder, an .npz file, or a dataset name from `medclf datasets`)")
+        path, class_names = named.fetch(text)
+    if path.is_dir():
+        return open_folder(path, classes, seed, val_fraction, test_fraction)
+    if path.suffix.lower() == ".npz":
+        return open_npz(path, classes, class_names)
+    raise MedclfError(f"unsupported data {path}: expected a folder of images or an .npz file")
+
+
+def open_inputs(inputs: list[str]) -> Split:
+    """Image files and folders (recursive) given to `predict`, as an unlabelled split."""
+    paths: list[str] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                raise MedclfError(f"no images found under {p}")
+            paths += [str(f) for f in found]
+        elif p.is_file():
+            paths.append(str(p))
+        else:
+            raise MedclfError(f"input not found: {item}")
+    return Split(labels=np.full(len(paths), -1, dtype=np.int64), paths=paths)

@@ -1,0 +1,44 @@
+"""Reproducible stratified splits (scikit-learn), and the split files written to a run."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Indices for train/val(/test), stratified by label; classes too small to stratify fall back to random."""
+    idx = np.arange(len(labels))
+    parts: dict[str, np.ndarray] = {}
+    held = val_fraction + test_fraction
+    if held <= 0:
+        return {"train": idx}
+    train_idx, held_idx = _split(idx, labels, held, seed)
+    parts["train"] = train_idx
+    if test_fraction > 0 and val_fraction > 0:
+        val_idx, test_idx = _split(held_idx, labels[held_idx], test_fraction / held, seed)
+        parts["val"], parts["test"] = val_idx, test_idx
+    elif val_fraction > 0:
+        parts["val"] = held_idx
+    else:
+        parts["test"] = held_idx
+    return {k: np.sort(v) for k, v in parts.items()}
+
+
+def _split(idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 and len(idx) * fraction >= len(counts[counts > 0]) else None
+    a, b = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
+    return np.asarray(a), np.asarray(b)
+
+
+def write_split_file(path: Path, split_ids: dict[str, list[str]], split_labels: dict[str, np.ndarray], classes: list[str]) -> None:
+    """One row per image: split, id (path or npz row), label name. Lets anyone rebuild the split."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["split", "id", "label"])
+        for split, ids in split_ids.items():
+            for i, label in zip(ids, split_labels[split]):
+                writer.writerow([split, i, classes[label] if label >= 0 else ""])
