@@ -24,7 +24,7 @@ def make_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def write_class_folders(root: Path, counts: dict[str, int], size: int = 20, seed: int = 0, mode: str = "L") -> Path:
+def write_class_folders(root: Path, counts: dict[str, int], size: int = 12, seed: int = 0, mode: str = "L") -> Path:
     rng = np.random.default_rng(seed)
     for c, (name, n) in enumerate(counts.items()):
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -42,13 +42,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MEDCLF_DATA", str(tmp_path_factory.getbasetemp() / "medclf_data"))
 
 
-@pytest.fixture
-def split_folder(tmp_path) -> Path:
-    root = tmp_path / "xray"
+def make_split_folder(root: Path) -> Path:
     write_class_folders(root / "train", {"NORMAL": 24, "PNEUMONIA": 24}, seed=1)
     write_class_folders(root / "val", {"NORMAL": 8, "PNEUMONIA": 8}, seed=2)
     write_class_folders(root / "test", {"NORMAL": 8, "PNEUMONIA": 8}, seed=3)
     return root
+
+
+@pytest.fixture
+def split_folder(tmp_path) -> Path:
+    return make_split_folder(tmp_path / "xray")
 
 
 @pytest.fixture
@@ -64,4 +67,4 @@ def npz_file(tmp_path) -> Path:
     return path
 
 
-FAST = dict(epochs=2, batch_size=16, model="resnet18", patience=0, progress=False)
+FAST_FLAGS = ["--epochs", "2", "--batch-size", "16", "--patience", "0"]

@@ -1,0 +1,56 @@
+import torch
+
+from medclf.data.augment import PRESETS, affine_matrices, prepare_batch, random_erase
+
+
+def batch(n=6, c=1, s=16):
+    return torch.randint(0, 256, (n, c, s, s), dtype=torch.uint8)
+
+
+def test_no_augmentation_is_plain_normalisation():
+    x = batch()
+    out = prepare_batch(x, 16, [0.5], [0.5], 1)
+    assert torch.allclose(out, (x.float() / 255 - 0.5) / 0.5)
+
+
+def test_resize_and_channel_expansion():
+    out = prepare_batch(batch(), 24, [0.5] * 3, [0.5] * 3, 3)
+    assert out.shape == (6, 3, 24, 24) and torch.isfinite(out).all()
+
+
+def test_identity_affine_reproduces_image():
+    preset = PRESETS["none"]
+    theta = affine_matrices(3, preset)
+    assert torch.allclose(theta, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(3, -1, -1))
+
+
+def test_flip_only_preset_flips_some_images_exactly():
+    from dataclasses import replace
+
+    preset = replace(PRESETS["none"], flip=0.5)
+    x = batch(n=64)
+    gen = torch.Generator().manual_seed(0)
+    out = prepare_batch(x, 16, [0.0], [1.0], 1, preset, gen)
+    ref = x.float() / 255
+    flipped = [torch.allclose(o, r.flip(-1), atol=1e-5) for o, r in zip(out, ref)]
+    kept = [torch.allclose(o, r, atol=1e-5) for o, r in zip(out, ref)]
+    assert all(f or k for f, k in zip(flipped, kept))
+    assert 15 < sum(flipped) < 49  # about half
+
+
+def test_presets_change_images_per_sample_and_keep_shape():
+    x = batch(n=8, s=20)
+    for name in ("light", "strong"):
+        out = prepare_batch(x, 28, [0.5], [0.5], 1, PRESETS[name], torch.Generator().manual_seed(1))
+        assert out.shape == (8, 1, 28, 28) and torch.isfinite(out).all()
+    same = x[:1].expand(8, -1, -1, -1).contiguous()
+    out = prepare_batch(same, 20, [0.5], [0.5], 1, PRESETS["light"], torch.Generator().manual_seed(2))
+    assert not torch.allclose(out[0], out[1])  # each image gets its own random transform
+
+
+def test_random_erase_zeros_rectangles_with_probability():
+    x = torch.ones(200, 1, 16, 16)
+    out = random_erase(x, 0.5, torch.Generator().manual_seed(0))
+    erased = (out == 0).flatten(1).any(1)
+    assert 60 < int(erased.sum()) < 140
+    assert torch.equal(random_erase(x, 0.0), x)

@@ -1,0 +1,102 @@
+import pytest
+import torch
+import torchvision
+
+from medclf import models
+from medclf.errors import MedclfError
+
+
+@pytest.mark.parametrize("name", list(models.REGISTRY))
+@pytest.mark.parametrize("stem,chans", [("small", 1), ("imagenet", 3)])
+def test_every_model_runs_and_learns(name, stem, chans):
+    torch.manual_seed(0)
+    model = models.build_model(name, num_classes=3, in_chans=chans, stem=stem)
+    x = torch.randn(2, chans, 16 if stem == "small" else 32, 16 if stem == "small" else 32)
+    out = model(x)
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    out.logsumexp(1).sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert no_grad == []
+
+
+def test_small_stem_keeps_resolution():
+    model = models.build_model("resnet18", 2, 1, "small")
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+
+
+def test_resolve_stem():
+    assert models.resolve_stem("auto", 28) == "small"
+    assert models.resolve_stem("auto", 224) == "imagenet"
+    assert models.resolve_stem("imagenet", 28) == "imagenet"
+
+
+def test_unknown_model():
+    with pytest.raises(MedclfError, match="unknown model"):
+        models.build_model("vgg", 2)
+
+
+def test_gray_conv1_sums_rgb_kernels():
+    rgb = torch.randn(64, 3, 7, 7)
+    gray = models.adapt_conv1(rgb, 1, "imagenet")
+    assert torch.allclose(gray, rgb.sum(1, keepdim=True))
+    x = torch.rand(1, 1, 9, 9)
+    same = torch.nn.functional.conv2d(x.expand(-1, 3, -1, -1), rgb)
+    assert torch.allclose(torch.nn.functional.conv2d(x, gray), same, atol=1e-5)
+
+
+def test_imagenet_weights_through_torchvision_api(monkeypatch):
+    """The weights API is used as is; here it returns a state dict made by the test (no download)."""
+    reference = torchvision.models.resnet18()
+    calls = {}
+
+    def fake_get_state_dict(self, progress=True, check_hash=True):
+        calls["url"] = self.url
+        return reference.state_dict()
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", fake_get_state_dict)
+    model = models.build_model("resnet18", 2, 1, "imagenet")
+    missing = models.load_backbone(model, models.imagenet_state_dict("resnet18"), 1, "imagenet")
+    assert "resnet18" in calls["url"] and set(missing) == {"fc.weight", "fc.bias"}
+    assert torch.allclose(model.conv1.weight, reference.conv1.weight.sum(1, keepdim=True))
+    assert torch.equal(model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+
+
+def test_imagenet_weights_offline_is_one_line(monkeypatch):
+    def fail(self, progress=True, check_hash=True):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", fail)
+    with pytest.raises(MedclfError, match="cannot download ImageNet weights for resnet18 .*offline.*place resnet18-"):
+        models.imagenet_state_dict("resnet18")
+
+
+def test_checkpoint_self_describes_and_loads_into_torchvision(tmp_path):
+    model = models.build_model("resnet18", 2, 1, "small")
+    spec = models.model_spec("resnet18", ["a", "b"], 1, "small", 28, [0.5], [0.5])
+    torch.save(models.checkpoint_dict(model, spec), tmp_path / "model.pt")
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert ckpt["classes"] == ["a", "b"] and ckpt["input_size"] == 28 and ckpt["stem"] == "small"
+    plain = torchvision.models.resnet18(num_classes=2)
+    plain.conv1 = torch.nn.Conv2d(1, 64, 3, 1, 1, bias=False)
+    plain.maxpool = torch.nn.Identity()
+    plain.load_state_dict(ckpt["state_dict"])  # strict: every key and shape matches
+    loaded, _ = models.load_model(tmp_path)
+    x = torch.randn(1, 1, 28, 28)
+    assert torch.allclose(loaded(x), plain.eval()(x))
+
+
+def test_not_a_medclf_checkpoint(tmp_path):
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "model.pt")
+    with pytest.raises(MedclfError, match="not a medclf model"):
+        models.read_checkpoint(tmp_path / "model.pt")
+    with pytest.raises(MedclfError, match="model not found"):
+        models.read_checkpoint(tmp_path / "nothing")
+
+
+def test_mismatched_checkpoint(tmp_path):
+    model = models.build_model("resnet18", 2, 1, "small")
+    spec = models.model_spec("resnet34", ["a", "b"], 1, "small", 28, [0.5], [0.5])
+    torch.save(models.checkpoint_dict(model, spec), tmp_path / "model.pt")
+    with pytest.raises(MedclfError, match="does not match"):
+        models.load_model(tmp_path / "model.pt")
