@@ -21,7 +21,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune", choices=CHOICES["finetune"], help="train everything, or only the classifier head")
     p.add_argument("--size", type=int, help="input side in pixels (default: the data's own size)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="input channels (default: 1 for grayscale data)")
-    p.add_argument("--stem", choices=CHOICES["stem"], help="small: 3×3 stride-1 stem for small images (auto: ≤ 64 px)")
+    p.add_argument("--stem", choices=CHOICES["stem"], help="small: 3×3 stride-1 stem for small images (auto: ≤ 48 px)")
     p.add_argument("--epochs", type=int, help=f"maximum epochs (default {d.epochs})")
     p.add_argument("--batch-size", type=int, help=f"images per step (default {d.batch_size})")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3; 0.05 for sgd)")

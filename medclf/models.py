@@ -18,7 +18,7 @@ from .errors import MedclfError
 FORMAT = "medclf-model/1"
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-SMALL_STEM_MAX_SIZE = 64  # inputs up to this side keep full resolution in the stem (MedMNIST practice)
+SMALL_STEM_MAX_SIZE = 48  # inputs up to this side keep full resolution in the stem (MedMNIST practice at 28 px)
 
 # name -> (torchvision builder, ImageNet weights enum member name)
 REGISTRY: dict[str, tuple[Any, str]] = {

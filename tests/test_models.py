@@ -27,6 +27,7 @@ def test_small_stem_keeps_resolution():
 
 def test_resolve_stem():
     assert models.resolve_stem("auto", 28) == "small"
+    assert models.resolve_stem("auto", 64) == "imagenet"
     assert models.resolve_stem("auto", 224) == "imagenet"
     assert models.resolve_stem("imagenet", 28) == "imagenet"
 
