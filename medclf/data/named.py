@@ -39,8 +39,8 @@ def parse_name(name: str) -> tuple[str, int]:
 
 def is_named(name: str) -> bool:
     base, _ = parse_name(name) if "/" not in name else ("", 0)
-    # every name ends in "mnist": other missing paths are reported without importing medmnist
-    return base.endswith("mnist") and (base == "mednist" or base in _medmnist_info())
+    # MedMNIST names end in "mnist": other missing paths are reported without importing medmnist
+    return base == "mednist" or (base.endswith("mnist") and base in _medmnist_info())
 
 
 def available() -> list[dict]:
@@ -90,7 +90,7 @@ def _download(url: str, home: Path, filename: str, md5: str) -> Path:
         return path
     home.mkdir(parents=True, exist_ok=True)
     try:
-        download_url(url, str(home), filename, md5)  # tqdm progress bar, MD5 checked
+        download_url(url, str(home), filename)  # tqdm progress bar; MD5 checked below
     except Exception as exc:
         raise MedclfError(f"cannot download {filename} ({type(exc).__name__}); offline? "
                           f"place the file at {path} (from {url}, MD5 {md5})") from None
