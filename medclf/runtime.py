@@ -53,7 +53,8 @@ def pick_precision(requested: str, device: torch.device) -> str:
 def use_channels_last(requested: bool | None, device: torch.device, precision: str) -> bool:
     if requested is not None:
         return requested
-    return device.type == "cuda" or (device.type == "cpu" and precision == "bf16")
+    # convolutions run NHWC-native in oneDNN and cuDNN: faster on CPU (fp32 too) and on CUDA
+    return device.type in ("cuda", "cpu")
 
 
 def autocast(device: torch.device, precision: str):

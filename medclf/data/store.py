@@ -179,19 +179,32 @@ def build_store(source: Source, split_name: str, size: int, channels: int, skip_
                 cache: bool = True, cache_dir: str | None = None, desc: str | None = None) -> tuple[Store, list[str]]:
     """Decode one split (or load it from the cache). Returns the store and the files skipped as unreadable."""
     split = source.splits[split_name]
-    key = fingerprint(split, source, size, channels) if cache else None
-    folder = cache_root(cache_dir) / key if key else None
+    folder = cache_root(cache_dir) / fingerprint(split, source, size, channels) if cache else None
     if folder is not None and (folder / "meta.json").is_file():
         return _load_cached(folder), json.loads((folder / "meta.json").read_text())["skipped"]
-    if source.kind == "npz":
-        images, keep, skipped = _decode_npz(source, split, size, channels), np.arange(len(split)), []
-    else:
-        images, keep, skipped = _decode_files(split.paths, size, channels, skip_bad, desc or split_name)
+    tmp = _new_cache_dir(folder) if folder is not None else None
+    shape = (len(split), channels, size, size)
+    try:
+        if source.kind == "npz":
+            images, keep, skipped = _decode_npz(source, split, size, channels), np.arange(len(split)), []
+        else:
+            # decode straight into the on-disk array when caching, so RAM never holds a second copy
+            out = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, shape) if tmp else np.empty(shape, np.uint8)
+            images, keep, skipped = _decode_files(split.paths, out, skip_bad, desc or split_name)
+    except BaseException:  # bad image, Ctrl-C: leave no half-written store behind
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     labels = split.labels[keep]
     ids = [split.ids[i] for i in keep]
-    if folder is not None:
-        _save_cached(folder, images, labels, ids, skipped)
-    return Store(torch.from_numpy(images), torch.from_numpy(labels), ids), skipped
+    if tmp is None:
+        return Store(torch.from_numpy(np.asarray(images)), torch.from_numpy(labels), ids), skipped
+    try:
+        _finish_cache(tmp, folder, images, labels, ids, skipped)
+        return _load_cached(folder), skipped
+    except OSError:  # a full or read-only disk costs speed next time, never this run
+        shutil.rmtree(tmp, ignore_errors=True)
+        return Store(torch.from_numpy(np.array(images)), torch.from_numpy(labels), ids), skipped
 
 
 def _decode_npz(source: Source, split: Split, size: int, channels: int) -> np.ndarray:
@@ -217,10 +230,10 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Te
     return out
 
 
-def _decode_files(paths: list[str], size: int, channels: int, skip_bad: bool, desc: str):
-    images = np.empty((len(paths), channels, size, size), dtype=np.uint8)
+def _decode_files(paths: list[str], images: np.ndarray, skip_bad: bool, desc: str):
+    """Decode every file into images (N×C×S×S); returns the kept images, kept indices and skipped paths."""
+    channels, size = images.shape[1], images.shape[-1]
     ok = np.ones(len(paths), dtype=bool)
-    skipped: list[str] = []
 
     def work(i: int) -> None:
         try:
@@ -242,17 +255,27 @@ def _decode_files(paths: list[str], size: int, channels: int, skip_bad: bool, de
     return (images if len(keep) == len(paths) else images[keep]), keep, skipped
 
 
-def _save_cached(folder: Path, images: np.ndarray, labels: np.ndarray, ids: list[str], skipped: list[str]) -> None:
+def _new_cache_dir(folder: Path) -> Path | None:
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-        np.save(tmp / "images.npy", images)
-        np.save(tmp / "labels.npy", labels)
-        (tmp / "ids.json").write_text(json.dumps(ids))
-        (tmp / "meta.json").write_text(json.dumps({"shape": list(images.shape), "skipped": skipped}))
-        os.replace(tmp, folder)  # atomic: an interrupted save never leaves a half-written store
+        return Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
+        return None
+
+
+def _finish_cache(tmp: Path, folder: Path, images: np.ndarray, labels: np.ndarray, ids: list[str],
+                  skipped: list[str]) -> None:
+    if isinstance(images, np.memmap) and Path(images.filename) == tmp / "images.npy":
+        images.flush()
+    else:
+        np.save(tmp / "images.npy", images)
+    np.save(tmp / "labels.npy", labels)
+    (tmp / "ids.json").write_text(json.dumps(ids))
+    (tmp / "meta.json").write_text(json.dumps({"shape": list(images.shape), "skipped": skipped}))
+    if folder.exists():  # another process finished the same store first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)  # atomic: an interrupted run never leaves a half-written store
 
 
 def _load_cached(folder: Path) -> Store:
