@@ -163,3 +163,15 @@ def test_split_file_written(tmp_path):
     splits.write_split_file(path, {"train": ["a.png", "b.png"]}, {"train": np.array([0, 1])}, ["x", "y"])
     rows = list(csv.DictReader(open(path)))
     assert rows == [{"split": "train", "id": "a.png", "label": "x"}, {"split": "train", "id": "b.png", "label": "y"}]
+
+
+def test_failed_decode_leaves_no_partial_cache_and_skip_bad_caches(split_folder, tmp_path):
+    (split_folder / "train" / "NORMAL" / "broken.png").write_bytes(b"junk")
+    source = sources.open_source(split_folder)
+    cache = tmp_path / "c"
+    with pytest.raises(MedclfError):
+        build_store(source, "train", 12, 1, cache_dir=str(cache))
+    assert list(cache.iterdir()) == []  # the temporary folder was removed
+    store, skipped = build_store(source, "train", 12, 1, skip_bad=True, cache_dir=str(cache))
+    again, skipped_again = build_store(source, "train", 12, 1, skip_bad=True, cache_dir=str(cache))
+    assert len(store) == len(again) == 48 and skipped == skipped_again and len(skipped) == 1
