@@ -42,7 +42,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=CHOICES["precision"], help="auto: bf16 where the hardware is fast at it")
     p.add_argument("--channels-last", type=_bool, metavar="BOOL")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
-    p.add_argument("--time-budget", type=float, metavar="MIN", help="stop training after about MIN minutes")
+    p.add_argument("--time-budget", type=float, metavar="MIN",
+                   help="stop training after about MIN minutes, best checkpoint kept; the plan fits epochs to it (default 10)")
+    p.add_argument("--no-plan", dest="plan", action="store_const", const=False,
+                   help="do not plan settings from the data: unset flags keep their fixed defaults")
     p.add_argument("--skip-bad", action="store_const", const=True, help="skip unreadable images (listed in the run)")
     p.add_argument("--no-cache", dest="cache", action="store_const", const=False, help="do not cache decoded images")
     p.add_argument("--cache-dir", help="decoded-image cache (default $MEDCLF_DATA/stores)")
@@ -59,6 +62,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config.yaml of an earlier run (flags override it)")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+
+    p = sub.add_parser("plan", help="fingerprint DATA and plan its training (size, stem, epochs for the time budget, ...)")
+    p.add_argument("data", help="folder, .npz, or dataset name (see `medclf datasets`)")
+    p.add_argument("--time-budget", type=float, metavar="MIN", help="training minutes to plan for (default 10)")
+    p.add_argument("--weights", help="PATH to a medclf model.pt to fine-tune: its size and stem are inherited")
+    p.add_argument("--out", default="plan.yaml", help="where to save the plan (default plan.yaml; '-' for none)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-probe", dest="probe", action="store_false", help="skip the timing probe")
 
     p = sub.add_parser("evaluate", help="metrics of a trained model on a split of DATA")
     p.add_argument("model", metavar="RUN_OR_MODEL")
@@ -78,6 +90,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-bad", action="store_true")
 
+    p = sub.add_parser("compare", help="train arms × seeds on DATA and compare them on the same images")
+    p.add_argument("data", help="folder, .npz, or dataset name")
+    add_train_flags(p)  # shared by every arm; --weights A,B,... makes one arm per value, --out is the comparison folder
+    p.add_argument("--arms", metavar="YAML", help="named flag sets, e.g. {head: {finetune: head}, full: {finetune: full}}")
+    p.add_argument("--seeds", type=int, default=3, help="runs per arm, seeds SEED..SEED+N-1 (default 3)")
+    p.add_argument("--force", action="store_true", help="retrain runs that already exist under --out")
+
+    p = sub.add_parser("report", help="(re)make RUN/report.html")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--data", help="DATA, when it moved since training (default: the run's config.yaml)")
+    p.add_argument("--out", help="where to write the page (default RUN/report.html)")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("explain", help="Grad-CAM overlays (PNG) for images")
+    p.add_argument("model", metavar="RUN_OR_MODEL")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--out", default="explain", help="folder for the overlays and explain.csv (default explain/)")
+    p.add_argument("--class", dest="target", metavar="CLASS", help="explain this class instead of the prediction")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-bad", action="store_true")
+
     sub.add_parser("datasets", help="the named public datasets and whether each is cached")
     return parser
 
@@ -90,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.data and not args.config and not args.resume:
             raise MedclfError("give DATA, --config or --resume")
         medclf.train(args.config, force=args.force, resume=args.resume, **flags)
+    elif args.command == "plan":
+        medclf.plan(args.data, time_budget=args.time_budget, out=None if args.out == "-" else args.out,
+                    weights=args.weights or "none", device=args.device, seed=args.seed, do_probe=args.probe)
     elif args.command == "evaluate":
         result = medclf.evaluate(args.model, args.data, split=args.split, tta=args.tta, out=args.out,
                                  device=args.device, skip_bad=args.skip_bad)
@@ -98,6 +134,17 @@ def run(args: argparse.Namespace) -> int:
         rows = medclf.predict(args.model, args.inputs, split=args.split, out=args.out, tta=args.tta,
                               device=args.device, skip_bad=args.skip_bad)
         print(f"{len(rows)} prediction(s) → {args.out}")
+    elif args.command == "compare":
+        flags = {k: v for k, v in vars(args).items() if k not in ("command", "data", "weights", "arms", "seeds", "force", "out")}
+        medclf.compare(args.data, weights=args.weights, arms=args.arms, seeds=args.seeds, out=args.out,
+                       force=args.force, **flags)
+    elif args.command == "report":
+        print(f"report → {medclf.report(args.run, data=args.data, out=args.out, device=args.device)}")
+    elif args.command == "explain":
+        rows = medclf.explain(args.model, args.inputs, out=args.out, target=args.target, device=args.device,
+                              skip_bad=args.skip_bad)
+        for row in rows:
+            print(f"{row['path']}: {row['prediction']} {row['probability']:.3f} → {row['gradcam']}")
     elif args.command == "datasets":
         from .data.named import available, data_home
 

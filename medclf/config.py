@@ -54,7 +54,8 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool | None = None
     compile: bool = False
-    time_budget: float | None = None  # minutes; training stops there, best checkpoint kept
+    time_budget: float | None = 10.0  # minutes; training stops there, best checkpoint kept; None: no limit
+    plan: bool = True  # settings the user did not set come from the data's plan (medclf/plan.py)
     skip_bad: bool = False
     cache: bool = True
     cache_dir: str | None = None
@@ -74,6 +75,8 @@ class TrainConfig:
             raise MedclfError("--size must be >= 8 pixels")
         if self.channels not in (None, 1, 3):
             raise MedclfError("--channels must be 1 or 3")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise MedclfError("--time-budget must be > 0 minutes")
         if self.patience < 0:
             raise MedclfError("--patience must be >= 0")
         return self

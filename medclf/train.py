@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 import time
@@ -15,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import models, plots, runtime
+from .plan import PLANNED, fingerprint, format_plan, make_plan, plain, save_plan
 from .config import TrainConfig, load_yaml, save_yaml
 from .data import sources, splits
 from .data.augment import PRESETS, prepare_batch
@@ -27,12 +29,28 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_balan
                    "val_f1_macro", "lr", "seconds"]
 
 
-def load_data(cfg: TrainConfig, base: dict | None) -> tuple[sources.Source, dict[str, Store], dict[str, Any], list[str]]:
-    """Open DATA, fix input size and channels, decode every split once. Returns source, stores, spec, skipped files."""
+def open_data(cfg: TrainConfig) -> sources.Source:
+    """DATA's splits, with a validation split carved out of train when it has none."""
     source = sources.open_source(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     if "train" not in source.splits:
         raise MedclfError(f"{cfg.data} has no train split")
     sources.ensure_val_split(source, cfg.val_fraction, cfg.seed)
+    return source
+
+
+def load_data(cfg: TrainConfig, base: dict | None, source: sources.Source | None = None
+              ) -> tuple[sources.Source, dict[str, Store], dict[str, Any], list[str]]:
+    """Open DATA, fix input size and channels, decode every split once. Returns source, stores, spec, skipped files."""
+    if source is not None:
+        return _load_stores(cfg, base, source)
+    source = sources.open_source(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+    if "train" not in source.splits:
+        raise MedclfError(f"{cfg.data} has no train split")
+    sources.ensure_val_split(source, cfg.val_fraction, cfg.seed)
+    return _load_stores(cfg, base, source)
+
+
+def _load_stores(cfg: TrainConfig, base: dict | None, source: sources.Source):
     if base:  # fine-tuning a medclf model: inherit its preprocessing
         input_size, channels, stem = base["input_size"], base["in_chans"], base["stem"]
     else:
@@ -113,8 +131,9 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def train_one_epoch(model, store: Store, order: torch.Tensor, spec: dict, optimizer, scheduler, loss_fn,
-                    cfg: TrainConfig, env: dict, generator: torch.Generator, ema=None, desc: str = "") -> float:
-    """One pass over `order`; returns the mean training loss."""
+                    cfg: TrainConfig, env: dict, generator: torch.Generator, ema=None, desc: str = "",
+                    deadline: float | None = None) -> float:
+    """One pass over `order` (cut short at `deadline`, a perf_counter time); returns the mean training loss."""
     model.train()
     preset = PRESETS[cfg.augment]
     batches = order.split(cfg.batch_size)
@@ -123,6 +142,8 @@ def train_one_epoch(model, store: Store, order: torch.Tensor, spec: dict, optimi
     total, seen = 0.0, 0
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not env["progress"])
     for idx in bar:
+        if deadline is not None and seen and time.perf_counter() > deadline:
+            break  # the time budget ends inside this epoch: validate what was trained so far
         x = store.take(idx).to(env["device"], non_blocking=True)
         y = store.labels[idx].to(env["device"], non_blocking=True)
         x = prepare_batch(x, spec["input_size"], spec["mean"], spec["std"], spec["in_chans"], preset, generator)
@@ -182,10 +203,14 @@ def write_history(path: Path, history: list[dict]) -> None:
 def train(config: TrainConfig | dict | None = None, *, force: bool = False, resume: str | None = None,
           progress: bool = True, **overrides: Any) -> dict:
     """Train a classifier; returns {"out", "metrics", "history"}. Same as `medclf train`."""
-    cfg, state = _resolve_config(config, resume, overrides)
+    cfg, state, explicit = _resolve_config(config, resume, overrides)
     base = models.read_checkpoint(cfg.weights) if cfg.weights not in ("none", "imagenet") else None
+    source, the_plan = None, None
+    if cfg.plan and not resume and not set(PLANNED) <= explicit:
+        source = open_data(cfg)
+        the_plan = apply_plan(cfg, source, base, explicit, progress)
     gen = runtime.seed_everything(cfg.seed)
-    source, stores, spec, skipped = load_data(cfg, base)
+    source, stores, spec, skipped = load_data(cfg, base, source)
     out = Path(resume) if resume else make_run_dir(cfg, source.name, force)
     cfg.out = str(out)
     if base is None and cfg.weights != "imagenet":
@@ -203,6 +228,9 @@ def train(config: TrainConfig | dict | None = None, *, force: bool = False, resu
                 "channels_last": channels_last}
     if not resume:
         save_yaml(resolved, out / "config.yaml")
+        if the_plan is not None:
+            save_plan(the_plan, out / "plan.yaml")
+            (out / "fingerprint.json").write_text(json.dumps(plain(the_plan["fingerprint"]), indent=2))
         splits.write_split_file(out / "splits.csv", {s: st.ids for s, st in stores.items()},
                                 {s: st.labels.numpy() for s, st in stores.items()}, source.classes)
         if skipped:
@@ -236,6 +264,7 @@ def train(config: TrainConfig | dict | None = None, *, force: bool = False, resu
           f"{runtime.describe(device, precision, channels_last)} → {out}")
 
     started, bad_epochs = time.perf_counter(), _epochs_since_best(history, cfg.monitor)
+    deadline = started + cfg.time_budget * 60 if cfg.time_budget else None
     epochs = tqdm(range(start_epoch, cfg.epochs), desc="epochs", unit="epoch", initial=start_epoch, total=cfg.epochs,
                   disable=not progress)
     stop_reason = "completed"
@@ -244,7 +273,7 @@ def train(config: TrainConfig | dict | None = None, *, force: bool = False, resu
             t0 = time.perf_counter()
             order = epoch_order(len(train_store), train_store.labels, balance, k, gen)
             train_loss = train_one_epoch(train_model, train_store, order, spec, optimizer, scheduler, loss_fn, cfg,
-                                         env, gen, ema, desc=f"epoch {epoch + 1}")
+                                         env, gen, ema, desc=f"epoch {epoch + 1}", deadline=deadline)
             scored = ema.module if ema is not None else model
             probs = predict_store(scored, val_store, spec, device, precision, channels_last)
             row = {"epoch": epoch + 1, "train_loss": train_loss, **validation_row(probs, val_store.labels.numpy(), spec["classes"]),
@@ -266,7 +295,8 @@ def train(config: TrainConfig | dict | None = None, *, force: bool = False, resu
                 stop_reason = f"early stop: no {cfg.monitor} gain in {cfg.patience} epochs"
                 break
             elapsed = time.perf_counter() - started
-            if cfg.time_budget and elapsed + elapsed / (epoch + 1 - start_epoch) > cfg.time_budget * 60:
+            if cfg.time_budget and (elapsed + elapsed / (epoch + 1 - start_epoch) > cfg.time_budget * 60
+                                    or time.perf_counter() > deadline):
                 stop_reason = f"time budget of {cfg.time_budget:g} min reached"
                 break
     except KeyboardInterrupt:
@@ -274,6 +304,9 @@ def train(config: TrainConfig | dict | None = None, *, force: bool = False, resu
         raise MedclfError(f"interrupted; the last finished epoch is saved: resume with `medclf train --resume {out}`") from None
     epochs.close()
     print(f"{stop_reason} after {len(history)} epoch(s), {time.perf_counter() - started:.0f} s")
+    if stop_reason.startswith("time budget") and cfg.schedule == "cosine" and len(history) < cfg.epochs:
+        print(f"note: the cosine schedule was sized to {cfg.epochs} epochs; fewer --epochs (or no --epochs: the plan "
+              "fits them to the budget) lets the learning rate decay before the budget ends")
     metrics = finish_run(out, stores, spec, cfg, device, precision, channels_last)
     return {"out": str(out), "metrics": metrics, "history": history}
 
@@ -307,6 +340,13 @@ def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig
     summary = ", ".join(f"{s} acc {r['accuracy']:.4f} auc {r['auc'] if r['auc'] is None else round(r['auc'], 4)}"
                         for s, r in results.items())
     print(f"{summary} → {out}")
+    try:  # report.html is a bonus: a failure there never loses the run
+        from .report import report
+
+        report(out, stores=stores, predictions={s: p for s, (_, p) in curves.items()}, device=str(device))
+    except Exception as exc:  # noqa: BLE001
+        print(f"medclf: warning: report.html not written ({type(exc).__name__}: {str(exc)[:300]}); "
+              f"retry with `medclf report {out}`")
     return results
 
 
@@ -328,8 +368,30 @@ def _epochs_since_best(history: list[dict], monitor: str) -> int:
     return len(scores) - 1 - int(np.argmax(scores))
 
 
-def _resolve_config(config, resume: str | None, overrides: dict) -> tuple[TrainConfig, dict | None]:
+def apply_plan(cfg: TrainConfig, source: sources.Source, base: dict | None, explicit: set[str],
+               verbose: bool = True) -> dict:
+    """Fill every planned setting the user did not set from the data's plan; returns the plan."""
+    fp = fingerprint(source)
+    fixed = {name: getattr(cfg, name) for name in PLANNED if name in explicit}
+    if cfg.channels is not None:
+        fixed["channels"] = cfg.channels
+    if cfg.weights not in ("none", None):
+        fixed["weights"] = cfg.weights
+    result = make_plan(fp, cfg.time_budget, base, fixed, cfg.device)
+    result["fingerprint"] = fp
+    for name, value in result["settings"].items():
+        if name not in explicit:
+            setattr(cfg, name, value)
+    cfg.validate()
+    if verbose:
+        print("plan (flags you pass override it):\n" + format_plan(result, fp))
+    return result
+
+
+def _resolve_config(config, resume: str | None, overrides: dict) -> tuple[TrainConfig, dict | None, set[str]]:
+    """The config, the resume state, and the names of the settings given explicitly (the plan fills the rest)."""
     values: dict[str, Any] = {}
+    explicit: set[str] = set()
     state = None
     if resume:
         run = Path(resume)
@@ -339,14 +401,22 @@ def _resolve_config(config, resume: str | None, overrides: dict) -> tuple[TrainC
         state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
         # the resolved config names the picked device/precision; re-pick them on this machine
         values.update({"device": "auto", "precision": "auto", "channels_last": None})
-    if isinstance(config, TrainConfig):
+        explicit |= set(values)
+    if isinstance(config, TrainConfig):  # a dataclass cannot tell "left at default" from "set": non-defaults count
+        defaults = TrainConfig().to_dict()
         values.update(config.to_dict())
+        explicit |= {k for k, v in config.to_dict().items() if v != defaults[k]}
     elif isinstance(config, (str, Path)):
-        values.update(load_yaml(config))
+        loaded = load_yaml(config)
+        values.update(loaded)
+        explicit |= set(loaded)
     elif isinstance(config, dict):
         values.update(config)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+        explicit |= set(config)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
+    explicit |= set(given)
     cfg = TrainConfig.from_dict(values).validate()
     if not cfg.data:
         raise MedclfError("no DATA given")
-    return cfg, state
+    return cfg, state, explicit

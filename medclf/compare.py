@@ -1,0 +1,300 @@
+"""`medclf compare`: train several arms × seeds on the same data, test them on the same images.
+
+Writes OUT/<arm>-seed<k>/ (ordinary runs, each with its report.html), OUT/comparison.json and
+OUT/comparison.html. Per-arm numbers are mean ± std over seeds; pairwise tests pool each arm's
+seeds by averaging its per-image probabilities, then compare the two arms on the same images.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import scoring
+from .compare_html import write_comparison_html
+from .config import TrainConfig, load_yaml
+from .data import sources
+from .errors import MedclfError
+from .evaluate import _load_for_inference, _split_store, predict_store
+from .metrics import evaluate_predictions, json_safe
+from .stats import delong_auc_test, mcnemar_test, mean_std, paired_bootstrap_diff
+from .train import train
+
+NOT_COMPARED = {"device", "precision", "channels_last", "compile", "cache", "cache_dir", "out", "skip_bad"}
+NOT_PER_ARM = {"data", "out", "seed"}
+
+
+def compare(data: str, weights: str | list[str] | None = None, arms: str | Path | dict | None = None,
+            seeds: int = 3, out: str | Path | None = None, force: bool = False, progress: bool = True,
+            n_boot: int = 1000, **train_flags: Any) -> dict:
+    """Train every arm with `seeds` seeds and compare them; same as `medclf compare`.
+
+    Arms are `weights` (comma-separated or a list: none, imagenet, PATH/model.pt) or `arms`
+    (a YAML file or dict of named flag sets); other keyword arguments are train flags shared by
+    all arms. Returns {"out", "json", "html", "comparison"} (comparison: comparison.json's content).
+    """
+    if seeds < 1:
+        raise MedclfError("--seeds must be >= 1")
+    common = {k: v for k, v in train_flags.items() if v is not None}
+    if "out" in common:
+        raise MedclfError("give the comparison folder as out=, not as a train flag")
+    arm_flags = resolve_arms(weights, arms, common)
+    base_seed = int(common.pop("seed", 0))
+    defaults = TrainConfig()
+    out = Path(out) if out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-compare-{Path(str(data)).stem}"
+    out.mkdir(parents=True, exist_ok=True)
+    data_used, split_note = fixed_splits(data, out, base_seed, common.get("val_fraction", defaults.val_fraction),
+                                         common.get("test_fraction", defaults.test_fraction))
+    seed_list = [base_seed + k for k in range(seeds)]
+    run_dirs = {arm: [out / f"{arm}-seed{s}" for s in seed_list] for arm in arm_flags}
+    total, done = len(arm_flags) * seeds, 0
+    for arm, flags in arm_flags.items():
+        for seed, run_dir in zip(seed_list, run_dirs[arm]):
+            done += 1
+            print(f"compare: run {done}/{total}: {arm}, seed {seed} → {run_dir}")
+            _train_or_reuse(data_used, run_dir, {**common, **flags, "seed": seed}, force, progress)
+    result, probs, labels, classes = evaluate_arms(data_used, run_dirs, arm_flags, seed_list, common, n_boot)
+    result["data"] = str(data)
+    if split_note:
+        result["split_note"] = split_note
+    result = json_safe(result)
+    json_path = out / "comparison.json"
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(json_path)
+    html_path = write_comparison_html(out, result, run_dirs, labels, probs, classes)
+    print(summary_text(result))
+    print(f"comparison → {json_path}, {html_path}")
+    return {"out": str(out), "json": str(json_path), "html": str(html_path), "comparison": result}
+
+
+def resolve_arms(weights, arms, common: dict) -> dict[str, dict]:
+    """{arm name: its own train flags}, from --weights or an arms YAML file/dict; validated before any training."""
+    if arms is not None:
+        if isinstance(arms, (str, Path)):
+            table = load_yaml(arms)
+            where = str(arms)
+        else:
+            table, where = dict(arms), "arms"
+        if weights is not None:
+            common = {**common, "weights": weights if isinstance(weights, str) else ",".join(weights)}
+            if "," in common["weights"]:
+                raise MedclfError("with --arms, --weights is one setting shared by all arms (no commas)")
+        result = {}
+        for name, flags in table.items():
+            if not isinstance(flags or {}, dict):
+                raise MedclfError(f"{where}: arm {name!r} must map to a set of flags, e.g. {{finetune: head}}")
+            flags = {str(k).replace("-", "_"): v for k, v in (flags or {}).items()}
+            bad = sorted(NOT_PER_ARM & set(flags))
+            if bad:
+                raise MedclfError(f"{where}: arm {name!r} sets {', '.join(bad)}; these are the same for every arm")
+            result[_safe_name(str(name))] = flags
+        if weights is not None:
+            result = {name: {"weights": common["weights"], **flags} for name, flags in result.items()}
+    elif weights is not None:
+        items = [w.strip() for w in weights.split(",")] if isinstance(weights, str) else [str(w) for w in weights]
+        items = [w for w in items if w]
+        result = {}
+        for w in items:
+            name = _weights_name(w)
+            k = 2
+            while name in result:
+                name, k = f"{_weights_name(w)}-{k}", k + 1
+            result[name] = {"weights": w}
+    else:
+        raise MedclfError("give the arms: --weights none,imagenet,PATH/model.pt or --arms arms.yaml")
+    if len(result) < 2:
+        raise MedclfError(f"compare needs at least two arms (got {len(result)}: {', '.join(result) or 'none'})")
+    for name, flags in result.items():
+        try:
+            TrainConfig.from_dict({**common, **flags}).validate()
+        except MedclfError as exc:
+            raise MedclfError(f"arm {name!r}: {exc}") from None
+        w = flags.get("weights", common.get("weights", "none"))
+        if w not in ("none", "imagenet") and not Path(w).expanduser().exists():
+            raise MedclfError(f"arm {name!r}: weights not found: {w} (none, imagenet or PATH to a medclf model.pt)")
+    return result
+
+
+def _weights_name(weights: str) -> str:
+    if weights in ("none", "imagenet"):
+        return weights
+    path = Path(weights)
+    return _safe_name(path.parent.name if path.name == "model.pt" and path.parent.name else path.stem)
+
+
+def _safe_name(name: str) -> str:
+    """An arm name usable as a folder name."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("._") or "arm"
+
+
+def fixed_splits(data: str, out: Path, seed: int, val_fraction: float, test_fraction: float) -> tuple[str, str | None]:
+    """DATA whose val/test splits would depend on each run's seed, made once and shared by all runs.
+
+    Class folders (no train/val/test) and data without val are split with the base seed into
+    OUT/data/<split>/<class>/ (symlinks) or OUT/data.npz, so every arm and seed trains on the same
+    images and is tested on the same held-out images. Returns (DATA to use, a note or None).
+    """
+    source = sources.open_source(data, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    sources.ensure_val_split(source, val_fraction, seed)
+    if not source.generated_splits:
+        return str(data), None
+    how = "; ".join(f"{s}: {h}" for s, h in source.generated_splits.items())
+    if source.kind == "folder":
+        root = out / "data"
+        if not (root / ".complete").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            for name, split in source.splits.items():
+                taken: set[Path] = set()
+                for path, label in zip(split.paths, split.labels):
+                    dest = root / name / source.classes[label] / Path(path).name
+                    if dest in taken:
+                        dest = dest.with_name(f"{len(taken):06d}_{dest.name}")
+                    taken.add(dest)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.symlink(Path(path).resolve(), dest)
+                    except OSError:
+                        shutil.copy2(path, dest)
+            (root / ".complete").write_text(how + "\n")
+        return str(root), f"splits made once with seed {seed} and shared by all runs ({how}): {root}"
+    path = out / "data.npz"
+    if not path.is_file():
+        archive = source.load_npz()
+        arrays = {}
+        for name, split in source.splits.items():
+            arrays[f"{name}_images"] = np.asarray(archive[f"{split.npz_key}_images"][split.rows])
+            arrays[f"{name}_labels"] = split.labels.reshape(-1, 1)
+        np.savez(path.with_name("data.tmp.npz"), **arrays)
+        path.with_name("data.tmp.npz").replace(path)
+    return str(path), f"splits made once with seed {seed} and shared by all runs ({how}): {path}"
+
+
+def _train_or_reuse(data: str, run_dir: Path, settings: dict, force: bool, progress: bool) -> None:
+    """Train the run, resume it if interrupted, or keep it if finished with the same settings."""
+    if not force and (run_dir / "config.yaml").is_file():
+        config = load_yaml(run_dir / "config.yaml")
+        wanted = {**settings, "data": data}
+        same = all(config.get(k) == v for k, v in wanted.items() if k not in NOT_COMPARED and v is not None)
+        if same and (run_dir / "metrics.json").is_file() and (run_dir / "model.pt").is_file():
+            print(f"compare: {run_dir} is finished with these settings; reusing it")
+            return
+        if same and (run_dir / "last.pt").is_file():
+            train(resume=str(run_dir), progress=progress)
+            return
+    train(data=data, out=str(run_dir), force=force, progress=progress, **settings)
+
+
+def evaluate_arms(data: str, run_dirs: dict[str, list[Path]], arm_flags: dict, seed_list: list[int], common: dict,
+                  n_boot: int) -> tuple[dict, dict[str, np.ndarray], np.ndarray, list[str]]:
+    """Predict every run on the same split; per-arm mean ± std and pairwise tests."""
+    source = sources.open_source(data)
+    split = "test" if "test" in source.splits else "val"
+    device = common.get("device", "auto")
+    ids = labels = classes = None
+    arms: dict[str, dict] = {}
+    pooled: dict[str, np.ndarray] = {}
+    for arm, dirs in run_dirs.items():
+        runs, per_metric, arm_probs = [], {}, []
+        for seed, run_dir in zip(seed_list, dirs):
+            model, ckpt, dev, prec, cl = _load_for_inference(str(run_dir), device, common.get("precision", "auto"))
+            store, _ = _split_store(ckpt, data, split, bool(common.get("skip_bad")), bool(common.get("cache", True)))
+            tta = bool(load_yaml(run_dir / "config.yaml").get("tta"))
+            probs = predict_store(model, store, ckpt, dev, prec, cl, tta=tta, desc=f"{arm} seed {seed}")
+            if ids is None:
+                ids, labels, classes = list(store.ids), store.labels.numpy(), list(ckpt["classes"])
+            elif list(store.ids) != ids or list(ckpt["classes"]) != classes:
+                raise MedclfError(f"{run_dir} was not evaluated on the same images or classes as the other runs")
+            metrics = evaluate_predictions(labels, probs, classes, ckpt.get("threshold"))
+            for name, value in scoring.metric_values(metrics, classes).items():
+                per_metric.setdefault(name, []).append(np.nan if value is None else value)
+            runs.append({"seed": seed, "dir": str(run_dir)})
+            arm_probs.append(probs)
+        pooled[arm] = np.mean(arm_probs, axis=0)
+        funcs = scoring.metric_functions(classes)
+        arms[arm] = {"runs": runs, "metrics": {m: mean_std(v) for m, v in per_metric.items()},
+                     "flags": arm_flags[arm],
+                     "pooled": {m: f(labels, pooled[arm]) for m, f in funcs.items()}}
+    pairwise = []
+    names = list(arms)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pairwise += pair_tests(labels, pooled[a], pooled[b], classes, a, b, n_boot, len(seed_list))
+    result = {"arms": arms, "pairwise": pairwise, "split": split, "n_images": int(len(labels)),
+              "classes": classes, "seeds": seed_list}
+    return result, pooled, labels, classes
+
+
+def pair_tests(y: np.ndarray, pa: np.ndarray, pb: np.ndarray, classes: list[str], a: str, b: str,
+               n_boot: int = 1000, n_seeds: int = 1) -> list[dict]:
+    """One row per metric: difference a − b, its 95% CI and a two-sided p, on the same images."""
+    pooled = (f"; each arm's per-image probabilities averaged over its {n_seeds} seeds" if n_seeds > 1 else "")
+    boot = f"paired bootstrap over images ({n_boot} resamples)"
+    rows = []
+    for metric, f in scoring.metric_functions(classes).items():
+        row = {"a": a, "b": b, "metric": metric}
+        if metric == "auc" and len(classes) == 2 and len(np.unique(y)) == 2:
+            diff, p, ci = delong_auc_test(y, pa[:, 1], pb[:, 1])
+            method = "DeLong test for two correlated AUCs (difference, 95% CI, p)"
+        else:
+            diff, ci, p = paired_bootstrap_diff(f, y, pa, pb, n_boot=n_boot)
+            method = f"{boot}: difference, 95% percentile CI, p"
+            if metric == "accuracy":
+                p = mcnemar_test(pa.argmax(1) == y, pb.argmax(1) == y)
+                method = f"McNemar test (p); {boot} (95% CI)"
+        row.update({"difference": float(diff), "ci95": [float(ci[0]), float(ci[1])], "p_value": float(p),
+                    "a_value": f(y, pa), "b_value": f(y, pb), "method": method + pooled})
+        rows.append(row)
+    return rows
+
+
+LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auc": "ROC AUC", "f1_macro": "macro F1"}
+
+
+def metric_label(metric: str) -> str:
+    return LABELS.get(metric) or f"sensitivity ({metric.removeprefix('recall_')})"
+
+
+def summary_text(result: dict) -> str:
+    """One plain-language paragraph from the numbers."""
+    arms = result["arms"]
+    primary = "auc" if all(v["metrics"]["auc"]["mean"] is not None for v in arms.values()) else "accuracy"
+    order = sorted(arms, key=lambda a: -(arms[a]["metrics"][primary]["mean"] or -1))
+    best = order[0]
+    n_seeds = len(result["seeds"])
+
+    def ms(arm: str, metric: str) -> str:
+        m = arms[arm]["metrics"][metric]
+        return "—" if m["mean"] is None else f"{m['mean']:.3f} ± {m['std']:.3f}"
+
+    text = (f"On the {result['split']} split ({result['n_images']} images, {len(result['classes'])} classes) "
+            f"{len(arms)} settings were trained with {n_seeds} seed{'s' if n_seeds > 1 else ''} each. "
+            f"{best} reached the highest mean {metric_label(primary)} ({ms(best, primary)}), against "
+            + ", ".join(f"{a} ({ms(a, primary)})" for a in order[1:]) + ". ")
+    significant = 0
+    for other in order[1:]:
+        for metric in (primary, "accuracy") if primary != "accuracy" else ("accuracy",):
+            row = next(r for r in result["pairwise"] if r["metric"] == metric and {r["a"], r["b"]} == {best, other})
+            sign = 1 if row["a"] == best else -1
+            if row["difference"] is None or row["p_value"] is None:
+                continue
+            lo, hi = row["ci95"] if sign == 1 else [None if v is None else -v for v in row["ci95"][::-1]]
+            test = "DeLong" if row["method"].startswith("DeLong") else "McNemar" if "McNemar" in row["method"] else "bootstrap"
+            p = row["p_value"]
+            verdict = "a statistically significant difference" if p < 0.05 else "not a statistically significant difference"
+            significant += p < 0.05
+            ci_text = f"95% CI {lo:+.3f} to {hi:+.3f}, " if lo is not None and hi is not None else ""
+            text += (f"Pooling each arm's seeds, {best} minus {other} in {metric_label(metric)} is "
+                     f"{sign * row['difference']:+.3f} ({ci_text}{test} p = {p:.3g}): {verdict}. ")
+    text += ("Significance means p < 0.05 without correction for the number of comparisons. "
+             if significant else "On these images the data cannot tell the settings apart with confidence. ")
+    if result["n_images"] < 200 or n_seeds < 3:
+        text += (f"With {result['n_images']} {result['split']} images and {n_seeds} seed(s) per setting, differences of a few "
+                 "points are within the noise; more images or seeds narrow the intervals.")
+    return text.strip()

@@ -1,0 +1,380 @@
+"""The self-configuring plan: a cheap fingerprint of the data plus a timing probe on this machine.
+
+`fingerprint(source)` reads what the data is (images per class and split, size and aspect
+distribution, channels, bit depth, imbalance) from image headers or npz array shapes, without
+decoding the data set. `make_plan(...)` turns it into training settings, each with a one-line
+reason; the number of epochs is fitted to the time budget from a few timed training steps of the
+chosen model at the chosen size on this machine (`probe`). `medclf train` applies the plan to every
+setting the user did not set explicitly; `medclf plan` prints and saves it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from . import models, runtime
+from .config import TrainConfig, save_yaml
+from .data import sources
+from .data.augment import PRESETS, prepare_batch
+from .data.store import native_size, probe_channels
+from .errors import MedclfError
+
+# settings the plan decides; everything else keeps its TrainConfig default
+PLANNED = ("model", "size", "stem", "augment", "batch_size", "lr", "schedule", "warmup_epochs", "epochs", "time_budget",
+           "patience", "monitor", "balance", "label_smoothing", "ema", "tta")
+DEFAULT_BUDGET = 10.0  # minutes
+BUDGET_USE = 0.85  # share of the budget the planned epochs fill (the rest: setup, jitter, final evaluation)
+MAX_EPOCHS = 60
+HEADER_SAMPLE = 400  # images per split whose headers are read for the size / aspect / mode statistics
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    a = np.asarray(values, dtype=float)
+    return {"min": float(a.min()), "p10": float(np.percentile(a, 10)), "median": float(np.median(a)),
+            "p90": float(np.percentile(a, 90)), "max": float(a.max())}
+
+
+_MODE_BITS = {"1": 1, "L": 8, "P": 8, "LA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8, "I;16": 16, "I;16B": 16,
+              "I;16L": 16, "I": 32, "F": 32}
+
+
+def fingerprint(source: sources.Source, sample: int = HEADER_SAMPLE) -> dict[str, Any]:
+    """What the data is, from headers (folders) or array shapes (npz); no full decode."""
+    counts = {s: {c: int((sp.labels == i).sum()) for i, c in enumerate(source.classes)} for s, sp in source.splits.items()}
+    train = counts.get("train", {})
+    present = [n for n in train.values() if n > 0]
+    fp: dict[str, Any] = {
+        "data": str(source.root), "name": source.name, "kind": source.kind, "classes": list(source.classes),
+        "num_classes": len(source.classes), "counts": counts,
+        "images": {s: int(sum(c.values())) for s, c in counts.items()},
+        "imbalance_ratio": round(max(present) / min(present), 3) if present else None,
+        "generated_splits": dict(source.generated_splits),
+    }
+    if source.kind == "npz":
+        archive = source.load_npz()
+        split = source.splits.get("train") or next(iter(source.splits.values()))
+        array = archive[f"{split.npz_key}_images"]
+        h, w = int(array.shape[1]), int(array.shape[2])
+        fp.update({"width": _stats([w]), "height": _stats([h]), "short_side": _stats([min(h, w)]),
+                   "aspect": _stats([w / h]), "channels": 3 if array.ndim == 4 else 1,
+                   "bit_depth": int(array.dtype.itemsize * 8), "modes": {"RGB" if array.ndim == 4 else "L": len(split)},
+                   "sampled": len(split)})
+        return fp
+    widths, heights, modes, formats, unreadable = [], [], {}, {}, 0
+    split = source.splits.get("train") or next(iter(source.splits.values()))
+    step = max(1, len(split.paths) // sample)
+    picked = split.paths[::step][:sample]
+    for p in picked:
+        try:
+            with Image.open(p) as img:  # lazy: reads the header only
+                widths.append(img.size[0])
+                heights.append(img.size[1])
+                modes[img.mode] = modes.get(img.mode, 0) + 1
+                formats[img.format or "?"] = formats.get(img.format or "?", 0) + 1
+        except (UnidentifiedImageError, OSError):
+            unreadable += 1
+    bits = max((_MODE_BITS.get(m, 8) for m in modes), default=8)
+    fp.update({"width": _stats(widths), "height": _stats(heights),
+               "short_side": _stats([min(a, b) for a, b in zip(widths, heights)]),
+               "aspect": _stats([a / b for a, b in zip(widths, heights)]),
+               # RGB-encoded gray scans are common: channels says whether the pixels hold real colour
+               "channels": probe_channels(source, split, sample=min(sample, 100)),
+               "bit_depth": bits, "modes": modes, "formats": formats, "sampled": len(picked),
+               "unreadable_in_sample": unreadable})
+    return fp
+
+
+# --------------------------------------------------------------------------- probe
+
+def probe(arch: str, num_classes: int, channels: int, stem: str, input_size: int, store_size: int, batch_size: int,
+          augment: str = "light", device: str | torch.device = "auto", max_seconds: float = 4.0,
+          max_steps: int = 3, infer_batch: int = 128) -> dict[str, float]:
+    """Images per second of a few training steps (augmentation included) and one inference batch.
+
+    One untimed warm-up step, then up to `max_steps` timed steps or `max_seconds`, whichever comes first.
+    """
+    dev = runtime.pick_device(str(device))
+    precision = runtime.pick_precision("auto", dev)
+    channels_last = runtime.use_channels_last(None, dev, precision)
+    rng_state = torch.get_rng_state()
+    try:
+        model = models.build_model(arch, num_classes, channels, stem).to(
+            dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=dev.type in ("cpu", "cuda"))
+        loss_fn = torch.nn.CrossEntropyLoss()
+        gen = torch.Generator().manual_seed(0)
+        x8 = torch.randint(0, 256, (batch_size, channels, store_size, store_size), dtype=torch.uint8, generator=gen)
+        y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
+        norm = [0.5] * channels
+
+        def step() -> None:
+            x = prepare_batch(x8.to(dev), input_size, norm, norm, channels, PRESETS[augment], gen)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with runtime.autocast(dev, precision):
+                loss = loss_fn(model(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+
+        model.train()
+        t0 = time.perf_counter()
+        step()  # warm-up: allocations, kernel selection
+        warm = time.perf_counter() - t0
+        times: list[float] = []
+        while len(times) < max(1, max_steps) and (not times or sum(times) + min(times) < max_seconds):
+            t1 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t1)
+        steps = len(times)
+        train_s = min(times)  # the fastest step: the steady state, least disturbed by other load
+        model.eval()
+        xi = torch.randint(0, 256, (min(infer_batch, 2 * batch_size), channels, store_size, store_size), dtype=torch.uint8,
+                           generator=gen)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            x = prepare_batch(xi.to(dev), input_size, norm, norm, channels)
+            with runtime.autocast(dev, precision):
+                model(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            infer_s = time.perf_counter() - t0
+    finally:
+        torch.set_rng_state(rng_state)
+    return {"train_img_per_s": round(batch_size / train_s, 2), "infer_img_per_s": round(len(xi) / infer_s, 2),
+            "steps": steps, "batch_size": batch_size, "warmup_s": round(warm, 3),
+            "device": runtime.describe(dev, precision, channels_last)}
+
+
+# --------------------------------------------------------------------------- plan
+
+def _candidates(side: int, base: dict | None) -> list[tuple[str, int, str]]:
+    """(stem, input size, why) in order of expected accuracy; the first that fits the budget wins."""
+    if base is not None:
+        return [(base["stem"], int(base["input_size"]),
+                 f"inherited from the base model ({base['stem']} stem, {base['input_size']} px) so its features apply")]
+    if side <= 20:
+        return [("small", side, f"tiny {side} px images: full resolution through a stride-1 stem; compute is negligible")]
+    if side <= 32:
+        return [("imagenet", 64, f"{side} px upsampled to 64 px, stride-4 ImageNet stem: upsampled inputs match or beat "
+                                 f"native {side} px (MedMNIST v2) at ~1/3 of the small stem's cost per image (measured)"),
+                ("small", side, f"{side} px with the stride-1 small stem"),
+                ("imagenet", 48, f"{side} px upsampled to 48 px, ImageNet stem: the cheapest size that keeps accuracy")]
+    if side <= 80:
+        return [("imagenet", side, f"native {side} px with the ImageNet stem"),
+                ("imagenet", 48, "48 px, ImageNet stem: cheaper, enough for coarse anatomy / modality cues"),
+                ("imagenet", 32, "32 px, ImageNet stem: the cheapest that still trains well")]
+    return [("imagenet", s, f"{s} px (images are {side} px): the largest size whose epochs fit the budget")
+            for s in (224, 160, 128, 96, 64) if s <= max(side, 64)]
+
+
+def _cost(stem: str, size: int) -> float:
+    """Relative compute per image: pixels reaching layer1 (the stride-4 ImageNet stem divides each side by 4)."""
+    return float(size * size if stem == "small" else (size / 4) ** 2)
+
+
+def _min_epochs(n_train: int) -> int:
+    """Epochs a model needs at least to converge: about 40k images seen, 3 to 15 epochs."""
+    return int(min(15, max(3, math.ceil(40_000 / max(1, n_train)))))
+
+
+def _batch_size(n_train: int) -> int:
+    if n_train >= 20_000:
+        return 128
+    if n_train >= 2_000:
+        return 64
+    if n_train >= 300:
+        return 32
+    return 16
+
+
+def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict | None = None,
+              fixed: dict[str, Any] | None = None, device: str = "auto", do_probe: bool = True,
+              probe_seconds: float = 8.0) -> dict[str, Any]:
+    """Settings with reasons. `fixed`: settings the user chose (they win and skip the matching decisions)."""
+    fixed = dict(fixed or {})
+    budget = float(fixed.get("time_budget") or time_budget or DEFAULT_BUDGET)
+    n_train = int(fp["images"].get("train", 0))
+    n_val = int(fp["images"].get("val", max(1, n_train // 10)))
+    k = int(fp["num_classes"])
+    side = int(round(fp["short_side"]["median"])) if fp.get("short_side") else 224
+    side = min(side, 512)
+    channels = int(base["in_chans"]) if base else int(fixed.get("channels") or fp.get("channels") or 1)
+    settings: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+
+    def decide(name: str, value: Any, why: str) -> None:
+        if name in fixed:
+            settings[name], reasons[name] = fixed[name], "set by you"
+        else:
+            settings[name], reasons[name] = value, why
+
+    finetune = base is not None or fixed.get("weights", "none") not in ("none", None)
+    decide("model", base["arch"] if base else "resnet18",
+           "architecture of the base model" if base else
+           "ResNet-18: the accuracy/compute sweet spot for small medical sets (34/50 rarely pay on CPU budgets)")
+    decide("time_budget", budget, f"{budget:g} min default; training stops there, the best checkpoint kept")
+    decide("batch_size", _batch_size(n_train), f"{n_train} training images: enough optimizer steps per epoch "
+                                               f"and an efficient batch")
+    imbalance = fp.get("imbalance_ratio") or 1.0
+    decide("balance", "weight" if imbalance > 1.5 else "none",
+           f"classes differ {imbalance:.2f}x: class-weighted loss keeps the minority recall up" if imbalance > 1.5
+           else f"classes are balanced ({imbalance:.2f}x): plain loss")
+    decide("label_smoothing", 0.1, "0.1: calibrates and regularises; standard for ResNet training")
+    small = n_train < 1000
+    decide("augment", "strong" if small and not finetune else "light",
+           f"only {n_train} training images: strong augmentation (TrivialAugment, erasing) against overfitting"
+           if small and not finetune else "light (flip, resized crop ±25% area, ±10°): geometry a scan plausibly varies by")
+    decide("lr", 5e-4 if finetune else 1e-3 * math.sqrt(settings["batch_size"] / 64),
+           "5e-4: fine-tuning keeps the pretrained features" if finetune else
+           "AdamW 1e-3 at batch 64, square-root scaled with the batch")
+    decide("schedule", "cosine", "cosine decay sized to the planned epochs: ends at a low LR when the budget ends")
+    decide("monitor", "auc" if k == 2 else "loss",
+           "ROC AUC: threshold-free, robust to imbalance (two classes)" if k == 2 else
+           "validation loss: continuous, so near-perfect accuracy/AUC ties do not freeze the checkpoint")
+    decide("tta", False, "off: `medclf evaluate/predict` run without TTA unless asked, so the run's metrics match them "
+                         "(flip TTA on PneumoniaMNIST val: AUC +0.001, accuracy -0.019: no gain)")
+
+    # resolution and stem: the most accurate candidate whose epochs fit the budget
+    if base is not None:
+        cands = _candidates(side, base)
+    elif "size" in fixed or "stem" in fixed:
+        size = int(fixed.get("size") or side)
+        stem = models.resolve_stem(fixed.get("stem", "auto"), size)
+        cands = [(stem, size, "set by you")]
+    else:
+        cands = _candidates(side, None)
+    min_epochs = _min_epochs(n_train)
+    store_size = side if fp["kind"] == "npz" else None
+    epochs_fixed = "epochs" in fixed
+    probes: list[dict[str, Any]] = []
+    chosen = None
+    if not do_probe or epochs_fixed:  # nothing to fit: no probe, so fixed-epoch runs (and tests) start at once
+        chosen = (*cands[0], None)
+    else:
+        too_slow = math.inf  # cost of the cheapest candidate measured not to fit
+        for stem, size, why in cands:
+            if _cost(stem, size) >= too_slow:
+                continue  # at least as expensive as one that did not fit: no need to time it
+            bs = int(settings["batch_size"])
+            p = probe(settings["model"], k, channels, stem, size, store_size or size, bs, settings["augment"], device,
+                      max_seconds=probe_seconds, max_steps=3)
+            epoch_s = n_train / p["train_img_per_s"] + n_val / p["infer_img_per_s"]
+            fit = int(BUDGET_USE * budget * 60 // epoch_s)
+            probes.append({"stem": stem, "size": size, **p, "epoch_s": round(epoch_s, 1), "epochs_in_budget": fit})
+            if fit >= min_epochs:
+                chosen = (stem, size, why, probes[-1])
+                break
+            too_slow = min(too_slow, _cost(stem, size))
+        if chosen is None:  # nothing fits: the cheapest candidate
+            best = min(range(len(probes)), key=lambda i: probes[i]["epoch_s"])
+            stem, size = probes[best]["stem"], probes[best]["size"]
+            chosen = (*next(c for c in cands if c[:2] == (stem, size)), probes[best])
+            chosen = (chosen[0], chosen[1], chosen[2] + " (the cheapest candidate; none fits "
+                                                       f"{min_epochs} epochs in {budget:g} min)", chosen[3])
+    stem, size, why, measured = chosen
+    if base is None:
+        decide("size", size, why)
+        decide("stem", stem, f"{stem} stem for {size} px inputs" + ("" if stem == "imagenet" else " (keeps full resolution)"))
+    else:
+        settings["size"], reasons["size"] = size, why
+        settings["stem"], reasons["stem"] = stem, "inherited from the base model"
+
+    if epochs_fixed:
+        decide("epochs", fixed["epochs"], "")
+        reasons["epochs"] = "set by you (so no timing probe)"
+    elif measured is not None:
+        fit = measured["epochs_in_budget"]
+        cap = MAX_EPOCHS if n_train >= 1000 else 100
+        epochs = max(1, min(cap, fit))
+        decide("epochs", epochs, f"{measured['train_img_per_s']:.0f} img/s measured here → {measured['epoch_s']:.0f} s per "
+                                 f"epoch; {BUDGET_USE:.0%} of {budget:g} min fits {fit}" + (f", capped at {cap}" if fit > cap else ""))
+    else:
+        decide("epochs", TrainConfig().epochs, "no timing probe: the default")
+    epochs = int(settings["epochs"])
+    decide("warmup_epochs", round(min(1.0, max(0.2, 0.1 * epochs)), 2), "linear warm-up over ~10% of training (≤ 1 epoch)")
+    decide("patience", 0 if epochs <= 10 else max(5, epochs // 3),
+           "off: a short cosine schedule peaks at its end" if epochs <= 10
+           else "a third of the schedule without validation gain")
+    steps = epochs * max(1, n_train // int(settings["batch_size"]))
+    use_ema = steps >= 1500
+    decay = round(min(0.999, 1 - 20 / steps), 4) if use_ema else 0.0
+    decide("ema", decay, f"EMA of the weights over ~{int(1 / (1 - decay)) if use_ema else 0} of {steps} steps: a smoother, "
+                         "better-generalising checkpoint" if use_ema else f"off: {steps} steps are too few to average over")
+    settings = {name: settings[name] for name in PLANNED}
+    reasons = {name: reasons[name] for name in PLANNED}
+    return {"settings": settings, "reasons": reasons, "probe": probes, "min_epochs": min_epochs,
+            "time_budget": budget, "data": fp.get("data")}
+
+
+def format_plan(plan: dict[str, Any], fp: dict[str, Any]) -> str:
+    lines = [f"data: {fp['data']} ({fp['kind']}, {fp['num_classes']} classes, "
+             + ", ".join(f"{s} {n}" for s, n in fp["images"].items()) + ")"]
+    side = fp.get("short_side") or {}
+    lines.append(f"images: short side median {side.get('median', '?'):g} px "
+                 f"(p10 {side.get('p10', 0):g}, p90 {side.get('p90', 0):g}), aspect median "
+                 f"{(fp.get('aspect') or {}).get('median', 1):.2f}, {fp['channels']} channel(s), {fp['bit_depth']}-bit, "
+                 f"imbalance {fp['imbalance_ratio']}x")
+    for p in plan["probe"]:
+        lines.append(f"probe: {p['stem']} stem {p['size']} px: {p['train_img_per_s']:.0f} img/s train, "
+                     f"{p['infer_img_per_s']:.0f} img/s inference → {p['epoch_s']:.0f} s/epoch, {p['epochs_in_budget']} "
+                     f"epoch(s) in budget")
+    width = max(len(k) for k in plan["settings"])
+    for name, value in plan["settings"].items():
+        lines.append(f"  {name:<{width}}  {str(value):<8}  {plan['reasons'][name]}")
+    return "\n".join(lines)
+
+
+def plan(data: str, time_budget: float | None = None, out: str | None = None, weights: str = "none",
+         device: str = "auto", seed: int = 0, do_probe: bool = True, verbose: bool = True, **fixed: Any) -> dict[str, Any]:
+    """Fingerprint DATA and plan its training; `out` saves the plan as YAML. Same as `medclf plan`."""
+    source = sources.open_source(data, seed=seed)
+    if "train" not in source.splits:
+        raise MedclfError(f"{data} has no train split")
+    sources.ensure_val_split(source, TrainConfig().val_fraction, seed)
+    base = models.read_checkpoint(weights) if weights not in ("none", "imagenet", None) else None
+    fp = fingerprint(source)
+    fixed = {k: v for k, v in fixed.items() if v is not None}
+    if weights not in ("none", None):
+        fixed["weights"] = weights
+    result = make_plan(fp, time_budget, base, fixed, device, do_probe)
+    result["fingerprint"] = fp
+    if verbose:
+        print(format_plan(result, fp))
+    if out:
+        save_plan(result, out)
+        if verbose:
+            print(f"plan → {out}")
+    return result
+
+
+def save_plan(result: dict[str, Any], path: str | Path) -> None:
+    data = {k: v for k, v in result.items() if k != "fingerprint"}
+    save_yaml(plain(data), path)
+
+
+def plain(value: Any) -> Any:
+    """YAML-safe copy: numpy scalars to Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+__all__ = ["fingerprint", "probe", "make_plan", "plan", "format_plan", "save_plan", "plain", "PLANNED"]

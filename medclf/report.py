@@ -1,0 +1,327 @@
+"""report.html for a run: metrics with bootstrap CIs, per-class sensitivity/specificity, curves,
+ROC/PR, calibration, the most confident mistakes with Grad-CAM, dataset summary, config and plan."""
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import figures, plots, runtime, scoring
+from . import htmlpage as H
+from .config import load_yaml
+from .data import sources
+from .data.augment import prepare_batch
+from .data.store import Store, build_store
+from .errors import MedclfError
+from .evaluate import _split_store, predict_store
+from .gradcam import grad_cam, overlay
+from .metrics import evaluate_predictions, json_safe
+from .models import load_model
+from .stats import bootstrap_ci, expected_calibration_error, reliability_bins
+
+HEADLINE = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auc": "ROC AUC", "f1_macro": "macro F1"}
+GALLERY_SIDE = 150
+
+
+def report(run: str | Path, data: str | None = None, out: str | Path | None = None, device: str = "auto",
+           stores: dict[str, Store] | None = None, predictions: dict[str, np.ndarray] | None = None,
+           n_boot: int = 1000, max_mistakes: int = 8) -> str:
+    """Write RUN/report.html (or `out`) and return its path. Same as `medclf report RUN`.
+
+    `data` overrides the run's config.yaml `data` (e.g. the data moved); `stores` (split → Store)
+    and `predictions` (split → N×K probabilities) let `train` pass what it already holds.
+    """
+    run = Path(run)
+    if not (run / "model.pt").is_file():
+        raise MedclfError(f"not a run directory (no model.pt): {run}")
+    config = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
+    model, ckpt = load_model(run / "model.pt")
+    classes = ckpt["classes"]
+    data = data or config.get("data") or ckpt.get("config", {}).get("data")
+    dev = runtime.pick_device(device)
+    precision = config.get("precision", "auto") if str(dev) == str(config.get("device")) else "auto"
+    precision = runtime.pick_precision(precision, dev)
+    channels_last = runtime.use_channels_last(None, dev, precision)
+    model = model.to(dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    notes: list[str] = []
+    evaluated = {}
+    for split in ("val", "test"):
+        store = (stores or {}).get(split) if stores is not None else _load_split(ckpt, data, split, config, run, notes)
+        if store is None or not len(store):
+            continue
+        probs = (predictions or {}).get(split)
+        if probs is None:
+            probs = predict_store(model, store, ckpt, dev, precision, channels_last, tta=bool(config.get("tta")))
+        labels = store.labels.numpy()
+        metrics = json_safe(evaluate_predictions(labels, probs, classes, ckpt.get("threshold")))
+        evaluated[split] = {"store": store, "labels": labels, "probs": probs, "metrics": metrics}
+    if not evaluated:
+        raise MedclfError(f"{data} has neither a val nor a test split to report on")
+    _check_against_metrics_json(run, evaluated, notes)
+    shown = "test" if "test" in evaluated else "val"
+    s = evaluated[shown]
+    sections = [
+        _summary(evaluated, shown, classes, n_boot),
+        H.section("Metrics with 95% bootstrap confidence intervals", _metrics_tables(evaluated, classes, n_boot), "metrics"),
+        H.section("Sensitivity and specificity per class", _per_class_tables(evaluated, classes, n_boot), "per-class"),
+        H.section("Training curves", _curves(run), "curves"),
+        H.section(f"Confusion matrix, ROC and precision-recall ({shown})", _curve_figures(s, classes, shown), "roc"),
+        H.section(f"Calibration ({shown})", _calibration(evaluated, shown), "calibration"),
+        H.section(f"Most confident mistakes ({shown}), with Grad-CAM",
+                  _mistakes(model, ckpt, s, classes, max_mistakes), "mistakes"),
+        H.section("Dataset", _dataset(run, s["store"], classes, shown), "dataset"),
+        H.section("Configuration and plan", _config(run), "config"),
+    ]
+    if notes:
+        sections.insert(0, "".join(f'<p class="note">{H.esc(n)}</p>' for n in notes))
+    subtitle = (f"{H.esc(ckpt['arch'])} ({H.esc(ckpt['stem'])} stem, {ckpt['input_size']} px, {ckpt['in_chans']} ch), "
+                f"weights {H.esc(ckpt.get('weights', config.get('weights', '?')))}, {len(classes)} classes, "
+                f"data {H.esc(data)}")
+    path = Path(out) if out else run / "report.html"
+    H.write(path, H.page(f"medclf report: {run.name}", subtitle, sections))
+    return str(path)
+
+
+def _load_split(ckpt: dict, data: str | None, split: str, config: dict, run: Path, notes: list[str]) -> Store | None:
+    """The split as evaluate builds it; a validation split carved out of train is rebuilt the way train did."""
+    if not data:
+        raise MedclfError(f"{run}/config.yaml names no data; pass --data DATA")
+    try:
+        source = sources.open_source(data, classes=ckpt["classes"], seed=config.get("seed", 0),
+                                     val_fraction=config.get("val_fraction", 0.1),
+                                     test_fraction=config.get("test_fraction", 0.1))
+    except MedclfError as exc:
+        raise MedclfError(f"cannot rebuild the predictions for the report: {exc} (pass --data DATA)") from None
+    if split in source.splits:
+        store, _ = _split_store(ckpt, data, split, bool(config.get("skip_bad")), bool(config.get("cache", True)))
+    elif split == "val" and "train" in source.splits:
+        sources.ensure_val_split(source, config.get("val_fraction", 0.1), config.get("seed", 0))
+        size = ckpt.get("store_size", ckpt["input_size"])
+        store, _ = build_store(source, "val", size, ckpt["in_chans"], skip_bad=bool(config.get("skip_bad")),
+                               cache=bool(config.get("cache", True)))
+    else:
+        return None
+    recorded = _split_ids(run).get(split)
+    if recorded is not None and recorded != list(store.ids):
+        notes.append(f"The {split} split rebuilt from {data} differs from the one recorded in splits.csv "
+                     f"({len(store)} vs {len(recorded)} images); the numbers below are on the rebuilt split.")
+    return store
+
+
+def _split_ids(run: Path) -> dict[str, list[str]]:
+    path = run / "splits.csv"
+    if not path.is_file():
+        return {}
+    ids: dict[str, list[str]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            ids.setdefault(row["split"], []).append(row["id"])
+    return ids
+
+
+def _check_against_metrics_json(run: Path, evaluated: dict, notes: list[str]) -> None:
+    path = run / "metrics.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    for split, e in evaluated.items():
+        old = saved.get(split, {}).get("accuracy")
+        if old is not None and abs(old - e["metrics"]["accuracy"]) > 1e-9:
+            notes.append(f"{split} accuracy recomputed for this report ({e['metrics']['accuracy']:.4f}) differs "
+                         f"from metrics.json ({old:.4f}): data or software changed since training.")
+
+
+def _specificity_of(c: int):
+    def specificity(y: np.ndarray, probs: np.ndarray) -> float:
+        negatives = y != c
+        return float(np.mean(probs[negatives].argmax(1) != c)) if negatives.any() else float("nan")
+    return specificity
+
+
+def _cis(e: dict, classes: list[str], n_boot: int) -> dict:
+    """Bootstrap CIs of the headline metrics (cached per split)."""
+    if "cis" not in e:
+        y, p = e["labels"], e["probs"]
+        funcs = scoring.metric_functions(classes)
+        e["cis"] = {m: bootstrap_ci(funcs[m], y, p, n_boot=n_boot) for m in HEADLINE}
+    return e["cis"]
+
+
+def _class_cis(e: dict, classes: list[str], n_boot: int) -> dict:
+    """Bootstrap CIs of per-class sensitivity and specificity."""
+    y, p = e["labels"], e["probs"]
+    out = {}
+    for i, c in enumerate(classes):
+        out[("recall", c)] = bootstrap_ci(scoring.recall_of(i), y, p, n_boot=n_boot)
+        out[("specificity", c)] = bootstrap_ci(_specificity_of(i), y, p, n_boot=n_boot)
+    return out
+
+
+def _summary(evaluated: dict, shown: str, classes: list[str], n_boot: int) -> str:
+    e = evaluated[shown]
+    m, cis = e["metrics"], _cis(e, classes, n_boot)
+    parts = [f"On the {shown} split ({m['n']} images) the model classified "
+             f"{H.fmt(m['accuracy'] * 100, 1)}% correctly (95% CI {H.fmt(cis['accuracy'][0] * 100, 1)}–"
+             f"{H.fmt(cis['accuracy'][1] * 100, 1)}%)"]
+    if m["auc"] is not None:
+        parts.append(f"with a ROC AUC of {H.fmt(m['auc'])} (95% CI {H.fmt(cis['auc'][0])}–{H.fmt(cis['auc'][1])})")
+    text = " ".join(parts) + ". "
+    sens = [f"{c} {_pct(m['per_class'][c]['recall'])}" for c in classes if m["per_class"][c]["support"]]
+    text += "Sensitivity per class: " + ", ".join(sens) + ". "
+    if "threshold" in m:
+        t = m["threshold"]
+        text += (f"At the threshold chosen on validation (P({classes[1]}) ≥ {H.fmt(t['value'])}) the sensitivity for "
+                 f"{classes[1]} is {_pct(t['per_class'][classes[1]]['recall'])} and its specificity "
+                 f"{_pct(t['per_class'][classes[1]]['specificity'])}. ")
+    if m["n"] < 200:
+        text += "With fewer than 200 images the intervals are wide: treat small differences as noise."
+    return f'<p class="summary">{text}</p>'
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{H.fmt(value * 100, 0)}%"
+
+
+def _metrics_tables(evaluated: dict, classes: list[str], n_boot: int) -> str:
+    rows = []
+    for split, e in evaluated.items():
+        m, cis = e["metrics"], _cis(e, classes, n_boot)
+        rows.append([f"{split} (n={m['n']})"] + [f"{H.num(m[k], [split, k])} {H.ci(cis[k])}" for k in HEADLINE])
+        if "threshold" in m:
+            t = m["threshold"]
+            rows.append([f"{split} at threshold {H.num(t['value'], [split, 'threshold', 'value'])}",
+                         H.num(t["accuracy"], [split, "threshold", "accuracy"]),
+                         H.num(t["balanced_accuracy"], [split, "threshold", "balanced_accuracy"]), "",
+                         H.num(t["f1_macro"], [split, "threshold", "f1_macro"])])
+    note = (f'<p class="muted">Percentile bootstrap over images, {n_boot} resamples. Binary tasks: the threshold on '
+            "P(class 1) is chosen on validation by Youden's J; the other rows use the most probable class.</p>")
+    return H.table(["split"] + list(HEADLINE.values()), rows) + note
+
+
+def _per_class_tables(evaluated: dict, classes: list[str], n_boot: int) -> str:
+    html = ""
+    for split, e in evaluated.items():
+        m, cis = e["metrics"], _class_cis(e, classes, n_boot)
+        header = ["class", "images", "sensitivity (recall)", "specificity", "precision", "F1"]
+        if "threshold" in m:
+            header += ["sensitivity at threshold", "specificity at threshold"]
+        rows = []
+        for c in classes:
+            pc, key = m["per_class"][c], [split, "per_class", c]
+            row = [H.esc(c), H.num(pc["support"], key + ["support"], 0),
+                   f"{H.num(pc['recall'], key + ['recall'])} {H.ci(cis[('recall', c)])}",
+                   f"{H.num(pc['specificity'], key + ['specificity'])} {H.ci(cis[('specificity', c)])}",
+                   H.num(pc["precision"], key + ["precision"]), H.num(pc["f1"], key + ["f1"])]
+            if "threshold" in m:
+                tc, tkey = m["threshold"]["per_class"][c], [split, "threshold", "per_class", c]
+                row += [H.num(tc["recall"], tkey + ["recall"]), H.num(tc["specificity"], tkey + ["specificity"])]
+            rows.append(row)
+        html += f"<h3>{H.esc(split)}</h3>" + H.table(header, rows)
+    return html
+
+
+def _curves(run: Path) -> str:
+    if not (run / "history.csv").is_file():
+        return '<p class="muted">no history.csv in the run</p>'
+    history = plots.read_history(run / "history.csv")
+    if not history:
+        return '<p class="muted">history.csv is empty</p>'
+    return H.img(H.figure_uri(plots.curves_figure(history)), "training curves",
+                 caption="Loss and validation metrics per epoch; the best epoch on the monitored metric is the model.")
+
+
+def _curve_figures(e: dict, classes: list[str], split: str) -> str:
+    cm = e["metrics"]["confusion_matrix"]
+    return '<div class="row">' + "".join([
+        H.img(H.figure_uri(plots.confusion_figure(cm, classes, f"confusion matrix ({split})")), "confusion matrix",
+              caption="Rows: true class; columns: predicted (most probable) class."),
+        H.img(H.figure_uri(plots.roc_figure(e["labels"], e["probs"], classes, f"ROC ({split})")), "ROC curve",
+              caption="Sensitivity against 1 − specificity over all thresholds."),
+        H.img(H.figure_uri(figures.pr_figure(e["labels"], e["probs"], classes, f"precision-recall ({split})")),
+              "precision-recall curve", caption="Dotted: the precision of guessing (the class's prevalence)."),
+    ]) + "</div>"
+
+
+def _calibration(evaluated: dict, shown: str) -> str:
+    e = evaluated[shown]
+    ece = expected_calibration_error(e["labels"], e["probs"])
+    bins = reliability_bins(e["labels"], e["probs"], n_bins=10)
+    others = ", ".join(f"{s} {H.fmt(expected_calibration_error(x['labels'], x['probs']))}" for s, x in evaluated.items())
+    text = (f"<p>Expected calibration error (15 equal-width bins, top-label): {others}. An ECE of 0.05 means the "
+            "stated confidence is off by about 5 percentage points on average; label smoothing during training "
+            "tends to make models under-confident.</p>")
+    return text + H.img(H.figure_uri(figures.reliability_figure(bins, ece, f"reliability ({shown})")),
+                        "reliability diagram", caption="Bars: accuracy of the images in each confidence bin.")
+
+
+def _display(image: np.ndarray, side: int = GALLERY_SIDE) -> np.ndarray:
+    """uint8 C×H×W → H×W or H×W×3, upscaled (nearest) to `side` for display."""
+    from PIL import Image
+
+    array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(array)).resize((side, side), Image.Resampling.NEAREST))
+
+
+def _mistakes(model, ckpt: dict, e: dict, classes: list[str], limit: int) -> str:
+    labels, probs, store = e["labels"], e["probs"], e["store"]
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero((pred != labels) & (labels >= 0))
+    if not len(wrong):
+        return "<p>No mistakes on this split.</p>"
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:limit]
+    idx = torch.as_tensor(wrong)
+    raw = store.take(idx)
+    device = next(model.parameters()).device
+    x = prepare_batch(raw.to(device), ckpt["input_size"], ckpt["mean"], ckpt["std"], ckpt["in_chans"])
+    cams = grad_cam(model, x, target=torch.as_tensor(pred[wrong])).cpu().numpy()
+    cards = []
+    for j, i in enumerate(wrong):
+        image = _display(raw[j].numpy())
+        name = Path(store.ids[i]).name if "/" in store.ids[i] else f"row {store.ids[i]}"
+        caption = (f"true <b>{H.esc(classes[labels[i]])}</b> → predicted <b>{H.esc(classes[pred[i]])}</b> "
+                   f"({probs[i, pred[i]]:.2f})<br><span class=\"muted\">{H.esc(name)}</span>")
+        cards.append(f'<div class="card">{H.img(H.array_uri(image), "image")}'
+                     f'{H.img(H.array_uri(overlay(image, cams[j])), "Grad-CAM")}<br>{caption}</div>')
+    return (f"<p>The {len(wrong)} wrong predictions made with the highest confidence. Right: Grad-CAM for the "
+            "predicted class (red = regions that raised that class's score most).</p>"
+            f'<div class="gallery">{"".join(cards)}</div>')
+
+
+def _dataset(run: Path, store: Store, classes: list[str], shown: str) -> str:
+    counts: dict[str, Counter] = {}
+    path = run / "splits.csv"
+    if path.is_file():
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                counts.setdefault(row["split"], Counter())[row["label"]] += 1
+    html = ""
+    if counts:
+        names = list(counts)
+        rows = [[H.esc(c)] + [str(counts[s][c]) for s in names] + [str(sum(counts[s][c] for s in names))]
+                for c in classes]
+        rows.append(["<b>all</b>"] + [str(sum(counts[s].values())) for s in names]
+                    + [str(sum(sum(v.values()) for v in counts.values()))])
+        html += H.table(["class"] + names + ["total"], rows)
+    if (run / "skipped.txt").is_file():
+        n = len((run / "skipped.txt").read_text().split())
+        html += f'<p class="note">{n} unreadable image(s) were skipped; listed in skipped.txt.</p>'
+    labels = store.labels.numpy()
+    html += f"<h3>Sample images ({H.esc(shown)}, as the model sees them before normalisation)</h3>"
+    for i, c in enumerate(classes):
+        picks = np.flatnonzero(labels == i)[:6]
+        thumbs = "".join(H.img(H.array_uri(_display(store.take(torch.tensor([k]))[0].numpy(), 96)), c, "thumb")
+                         for k in picks)
+        html += f"<p><b>{H.esc(c)}</b><br>{thumbs or '<span class=muted>none</span>'}</p>"
+    return html
+
+
+def _config(run: Path) -> str:
+    html = ""
+    for name, what in (("config.yaml", "Resolved configuration"), ("plan.yaml", "Plan")):
+        if (run / name).is_file():
+            html += f"<h3>{what} ({name})</h3><pre>{H.esc((run / name).read_text())}</pre>"
+    return html or '<p class="muted">no config.yaml in the run</p>'

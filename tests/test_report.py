@@ -1,0 +1,137 @@
+"""report.html (written by train, re-made by `medclf report`) and `medclf explain` on tiny models."""
+import contextlib
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medclf import models
+from medclf.cli import main
+
+from conftest import FAST_FLAGS, make_split_folder, write_class_folders
+from htmlcheck import CHROMIUM, assert_self_contained, check_numbers, parse, render
+
+
+@pytest.fixture(scope="module")
+def run_without_report(tmp_path_factory):
+    """A run whose report failed during training: the run must survive, and `medclf report` make it."""
+    import importlib
+
+    report_module = importlib.import_module("medclf.report")
+    base = tmp_path_factory.mktemp("report")
+    data = make_split_folder(base / "xray")
+    run = base / "run"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("report exploded")
+
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(report_module, "report", broken)
+        assert main(["train", str(data), *FAST_FLAGS, "--epochs", "1", "--out", str(run)]) == 0
+    return data, run, printed.getvalue()
+
+
+def test_report_failure_never_loses_the_run(run_without_report):
+    _, run, printed = run_without_report
+    assert (run / "metrics.json").is_file() and (run / "model.pt").is_file()
+    assert not (run / "report.html").exists()
+    assert "warning: report.html not written (RuntimeError: report exploded)" in printed
+    assert f"medclf report {run}" in printed
+
+
+def test_report_command_numbers_equal_metrics_json(run_without_report, capsys):
+    _, run, _ = run_without_report
+    assert main(["report", str(run)]) == 0
+    assert "report →" in capsys.readouterr().out
+    text = (run / "report.html").read_text()
+    assert_self_contained(text)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert check_numbers(text, metrics) >= 30  # headline, threshold and per-class numbers of val and test
+    keys = {tuple(k) for k, _, _ in parse(text).found}
+    for split in ("val", "test"):
+        assert (split, "auc") in keys and (split, "per_class", "PNEUMONIA", "specificity") in keys
+    for heading in ("95% bootstrap confidence intervals", "Sensitivity and specificity", "Calibration",
+                    "Grad-CAM", "Dataset", "Resolved configuration", "precision-recall"):
+        assert heading in text, heading
+    # dataset summary: the counts of splits.csv
+    rows = list(csv.DictReader(open(run / "splits.csv")))
+    assert f"<td>{sum(r['split'] == 'train' for r in rows)}</td>" in text
+    # as many mistake cards as test mistakes (up to 8), each with an image and its Grad-CAM overlay
+    wrong = metrics["test"]["n"] - round(metrics["test"]["accuracy"] * metrics["test"]["n"])
+    assert text.count('class="card"') == min(wrong, 8)
+
+
+def test_report_with_moved_data_and_other_out(run_without_report, tmp_path, capsys):
+    data, run, _ = run_without_report
+    assert main(["report", str(run), "--data", str(data), "--out", str(tmp_path / "r.html")]) == 0
+    assert "Most confident mistakes" in (tmp_path / "r.html").read_text()
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "no model.pt" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install chromium)")
+def test_report_renders_in_chromium(run_without_report, tmp_path):
+    _, run, _ = run_without_report
+    if not (run / "report.html").is_file():
+        assert main(["report", str(run)]) == 0
+    page = run / "report.html"
+    dom, images = render(page, tmp_path)
+    assert len(images) == len(parse(page.read_text()).images) >= 6
+    assert all(complete and w > 0 and h > 0 for complete, w, h in images), images
+    check_numbers(dom, json.loads((run / "metrics.json").read_text()))  # the numbers the browser shows
+
+
+def test_explain_matches_predict(run_without_report, tmp_path, capsys):
+    data, run, _ = run_without_report
+    files = sorted((data / "test" / "PNEUMONIA").glob("*.png"))[:3]
+    out = tmp_path / "cams"
+    assert main(["explain", str(run), *map(str, files), "--out", str(out)]) == 0
+    assert main(["predict", str(run), *map(str, files), "--out", str(tmp_path / "p.csv")]) == 0
+    predicted = {r["path"]: r for r in csv.DictReader(open(tmp_path / "p.csv"))}
+    rows = list(csv.DictReader(open(out / "explain.csv")))
+    assert [r["path"] for r in rows] == list(map(str, files))
+    for r in rows:
+        assert r["prediction"] == predicted[r["path"]]["prediction"]
+        assert float(r["probability"]) == pytest.approx(float(predicted[r["path"]][f"prob_{r['prediction']}"]), abs=1e-6)
+        assert r["gradcam"].endswith(".gradcam.png") and r["label"] == "PNEUMONIA"
+        with Image.open(r["gradcam"]) as img:
+            assert img.format == "PNG" and img.size == (600, 330)  # image and overlay side by side, titled
+    assert main(["explain", str(run), str(files[0]), "--class", "NORMAL", "--out", str(out)]) == 0
+    assert list(csv.DictReader(open(out / "explain.csv")))[0]["explained_class"] == "NORMAL"
+    assert main(["explain", str(run), str(files[0]), "--class", "COVID"]) == 2
+    assert "COVID" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch,stem,chans,size", [("resnet18", "small", 1, 12), ("resnet34", "imagenet", 3, 32),
+                                                  ("resnet50", "small", 3, 16)])
+def test_explain_any_architecture(arch, stem, chans, size, tmp_path):
+    """Untrained checkpoints of every supported shape: explain needs no training to be exercised."""
+    torch.manual_seed(0)
+    model = models.build_model(arch, 2, chans, stem)
+    spec = models.model_spec(arch, ["a", "b"], chans, stem, size, [0.5] * chans, [0.5] * chans)
+    torch.save(models.checkpoint_dict(model, spec), tmp_path / "model.pt")
+    images = write_class_folders(tmp_path / "imgs", {"a": 1, "b": 1}, size=size, mode="L" if chans == 1 else "RGB")
+    out = tmp_path / "cams"
+    assert main(["explain", str(tmp_path / "model.pt"), str(images), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "explain.csv")))
+    assert len(rows) == 2 and {r["label"] for r in rows} == {"a", "b"}
+    assert sorted(p.name for p in out.glob("*.png")) == ["a_0.gradcam.png", "b_0.gradcam.png"]
+    for r in rows:
+        assert 0.0 <= float(r["probability"]) <= 1.0
+        with Image.open(r["gradcam"]) as img:
+            assert np.asarray(img.convert("RGB")).std() > 0
+
+
+def test_train_writes_the_report_for_a_three_class_npz(npz_file, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", str(npz_file), *FAST_FLAGS, "--epochs", "1", "--out", str(run)]) == 0
+    text = (run / "report.html").read_text()
+    assert_self_contained(text)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert check_numbers(text, metrics) == 2 * (4 + 3 * 5)  # headline + 5 per class; no threshold with 3 classes
+    assert "at threshold" not in text and "row " in text  # npz mistakes are named by their row
