@@ -114,7 +114,7 @@ def run_case(name: str, args, workdir: Path) -> list[dict]:
         run_dir = workdir / f"run-{name}-{r}"
         if "train" in args.modes:
             ref = measured([sys.executable, str(REFERENCE), str(data), *common, "--mode", "train"])
-            med = measured([sys.executable, "-m", "medclf", "train", str(data), *common, "--model", "resnet18",
+            med = measured([sys.executable, "-m", "medclf", "train", str(data), *common, "--model", "resnet18", "--augment", "light",
                             "--patience", "0", "--out", str(run_dir), "--force"], env)
             ref_json = last_json(ref["stdout"])
             val_auc = json.loads((run_dir / "metrics.json").read_text())["val"]["auc"]

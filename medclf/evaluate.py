@@ -55,7 +55,11 @@ def _load_for_inference(run_or_model: str, device: str, precision: str):
 
 
 def _split_store(ckpt: dict, data: str, split: str, skip_bad: bool, cache: bool) -> tuple[Store, str]:
-    source = sources.open_source(data, classes=ckpt["classes"], seed=ckpt.get("config", {}).get("seed", 0))
+    cfg = ckpt.get("config", {})  # the training run's split settings, so generated splits match the run's
+    source = sources.open_source(data, classes=ckpt["classes"], seed=cfg.get("seed", 0),
+                                 val_fraction=cfg.get("val_fraction", 0.1), test_fraction=cfg.get("test_fraction", 0.1))
+    if split == "val" and "train" in source.splits:
+        sources.ensure_val_split(source, cfg.get("val_fraction", 0.1), cfg.get("seed", 0))
     if split not in source.splits:
         raise MedclfError(f"{data} has no {split!r} split (has: {', '.join(source.splits)})")
     store_size = ckpt.get("store_size", ckpt["input_size"]) if source.kind == "folder" else None

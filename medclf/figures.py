@@ -2,22 +2,23 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
+from .metrics import _skm
 from .plots import plt  # Agg backend already selected there
 
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
 def pr_figure(labels: np.ndarray, probs: np.ndarray, classes: list[str], title: str = "precision-recall") -> plt.Figure:
+    skm = _skm()
     fig, ax = plt.subplots(figsize=(5, 5))
     shown = [1] if len(classes) == 2 else range(len(classes))
     for c in shown:
         positives = labels == c
         if positives.all() or not positives.any():
             continue
-        precision, recall, _ = precision_recall_curve(positives, probs[:, c])
-        ap = average_precision_score(positives, probs[:, c])
+        precision, recall, _ = skm.precision_recall_curve(positives, probs[:, c])
+        ap = skm.average_precision_score(positives, probs[:, c])
         ax.plot(recall, precision, label=f"{classes[c]} (AP {ap:.3f})")
         ax.axhline(positives.mean(), color="grey", lw=0.6, ls=":")
     ax.set_xlabel("recall (sensitivity)")
@@ -74,16 +75,17 @@ def arm_curves_figure(histories: dict[str, list[dict[str, list[float]]]]) -> plt
 
 def arm_roc_figure(labels: np.ndarray, probs_by_arm: dict[str, np.ndarray], classes: list[str], title: str) -> plt.Figure:
     """One ROC curve per arm: on the positive class (binary) or micro-averaged one-vs-rest."""
+    skm = _skm()
     fig, ax = plt.subplots(figsize=(5.2, 5))
     k = len(classes)
     for i, (arm, probs) in enumerate(probs_by_arm.items()):
         if k == 2:
             if len(np.unique(labels)) < 2:
                 continue
-            fpr, tpr, _ = roc_curve(labels == 1, probs[:, 1])
+            fpr, tpr, _ = skm.roc_curve(labels == 1, probs[:, 1])
         else:
             onehot = np.eye(k, dtype=bool)[labels]
-            fpr, tpr, _ = roc_curve(onehot.ravel(), probs.ravel())
+            fpr, tpr, _ = skm.roc_curve(onehot.ravel(), probs.ravel())
         ax.plot(fpr, tpr, color=COLORS[i % len(COLORS)], label=arm)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("1 − specificity (false positive rate)")

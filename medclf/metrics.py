@@ -4,11 +4,18 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn import metrics as skm
+
+
+def _skm():
+    """scikit-learn's metrics, imported on first use (about a second of start-up saved before training)."""
+    from sklearn import metrics
+
+    return metrics
 
 
 def auc_score(y_true: np.ndarray, probs: np.ndarray) -> float:
     """ROC AUC: binary on the positive class, one-vs-rest macro for more classes; nan if undefined."""
+    skm = _skm()
     k = probs.shape[1]
     present = np.unique(y_true)
     if len(present) < 2:
@@ -26,6 +33,7 @@ def auc_score(y_true: np.ndarray, probs: np.ndarray) -> float:
 
 def youden_threshold(y_true: np.ndarray, positive_prob: np.ndarray) -> float:
     """The probability threshold maximising sensitivity + specificity − 1 (Youden's J)."""
+    skm = _skm()
     if len(np.unique(y_true)) < 2:
         return 0.5
     fpr, tpr, thresholds = skm.roc_curve(y_true, positive_prob)
@@ -36,6 +44,7 @@ def youden_threshold(y_true: np.ndarray, positive_prob: np.ndarray) -> float:
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
                            predictions: np.ndarray | None = None) -> dict:
     """Accuracy, balanced accuracy, AUC, macro F1, per-class precision/recall/specificity/F1, confusion matrix."""
+    skm = _skm()
     y_true = np.asarray(y_true)
     pred = probs.argmax(1) if predictions is None else np.asarray(predictions)
     labels = np.arange(len(classes))

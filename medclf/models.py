@@ -53,7 +53,10 @@ def build_model(name: str, num_classes: int, in_chans: int = 3, stem: str = "ima
         model.maxpool = nn.Identity()
     elif in_chans != 3:
         model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    # fan_in: with one input channel, torchvision's fan_out init makes conv1's outputs ~100x too small
+    # in variance, and BatchNorm's running variance (initialised to 1, momentum 0.1) then stays far off
+    # for hundreds of steps, so eval-mode predictions collapse to one class in short runs.
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_in", nonlinearity="relu")
     return model
 
 

@@ -9,7 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+
+from .metrics import _skm  # noqa: E402  (scikit-learn, imported on first use)
 
 
 def read_history(path: Path) -> dict[str, list[float]]:
@@ -63,7 +64,7 @@ def roc_figure(labels: np.ndarray, probs: np.ndarray, classes: list[str], title:
         positives = labels == c
         if positives.all() or not positives.any():
             continue
-        fpr, tpr, _ = roc_curve(positives, probs[:, c])
+        fpr, tpr, _ = _skm().roc_curve(positives, probs[:, c])
         ax.plot(fpr, tpr, label=classes[c])
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("1 − specificity (false positive rate)")

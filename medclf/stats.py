@@ -7,7 +7,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 from scipy import stats
-from sklearn.exceptions import UndefinedMetricWarning
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 
@@ -26,6 +25,8 @@ def _boot_values(
 ) -> np.ndarray:
     """Metric on each resample (rows of `idx`); nan where undefined, without sklearn's warnings."""
     with warnings.catch_warnings():
+        from sklearn.exceptions import UndefinedMetricWarning  # imported where used: slow to import
+
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         return np.array([_safe_metric(metric, y_true[i], y_score[i]) for i in idx])
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import models, plots, runtime
+from . import models, runtime
 from .plan import PLANNED, fingerprint, format_plan, make_plan, plain, save_plan
 from .config import TrainConfig, load_yaml, save_yaml
 from .data import sources, splits
@@ -335,6 +335,8 @@ def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig
 
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     shown = "test" if "test" in results else "val"
+    from . import plots  # matplotlib: imported once training is done
+
     plots.save_run_plots(out, out / "history.csv", results[shown]["confusion_matrix"], spec["classes"],
                          *curves[shown], split=shown)
     summary = ", ".join(f"{s} acc {r['accuracy']:.4f} auc {r['auc'] if r['auc'] is None else round(r['auc'], 4)}"
@@ -408,6 +410,7 @@ def _resolve_config(config, resume: str | None, overrides: dict) -> tuple[TrainC
         explicit |= {k for k, v in config.to_dict().items() if v != defaults[k]}
     elif isinstance(config, (str, Path)):
         loaded = load_yaml(config)
+        loaded.pop("out", None)  # a re-run gets a run directory of its own unless --out says otherwise
         values.update(loaded)
         explicit |= set(loaded)
     elif isinstance(config, dict):

@@ -5,7 +5,6 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
@@ -28,6 +27,8 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
 
 
 def _split(idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split  # imported where used: slow to import
+
     counts = np.bincount(labels)
     stratify = labels if counts[counts > 0].min() >= 2 and len(idx) * fraction >= len(counts[counts > 0]) else None
     a, b = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
