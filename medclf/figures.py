@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .metrics import _skm
-from .plots import plt  # Agg backend already selected there
+from .plots import curve_classes, plt  # Agg backend already selected there
 
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
@@ -12,11 +12,7 @@ COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 def pr_figure(labels: np.ndarray, probs: np.ndarray, classes: list[str], title: str = "precision-recall") -> plt.Figure:
     skm = _skm()
     fig, ax = plt.subplots(figsize=(5, 5))
-    shown = [1] if len(classes) == 2 else range(len(classes))
-    for c in shown:
-        positives = labels == c
-        if positives.all() or not positives.any():
-            continue
+    for c, positives in curve_classes(labels, classes):
         precision, recall, _ = skm.precision_recall_curve(positives, probs[:, c])
         ap = skm.average_precision_score(positives, probs[:, c])
         ax.plot(recall, precision, label=f"{classes[c]} (AP {ap:.3f})")

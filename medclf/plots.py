@@ -57,13 +57,18 @@ def confusion_figure(cm: list[list[int]], classes: list[str], title: str = "conf
     return fig
 
 
+def curve_classes(labels: np.ndarray, classes: list[str]):
+    """(class index, positives mask) per curve: class 1 for binary, every class (one-vs-rest) otherwise;
+    classes without both outcomes in `labels` are skipped (no curve is defined)."""
+    for c in [1] if len(classes) == 2 else range(len(classes)):
+        positives = labels == c
+        if positives.any() and not positives.all():
+            yield c, positives
+
+
 def roc_figure(labels: np.ndarray, probs: np.ndarray, classes: list[str], title: str = "ROC") -> plt.Figure:
     fig, ax = plt.subplots(figsize=(5, 5))
-    shown = [1] if len(classes) == 2 else range(len(classes))
-    for c in shown:
-        positives = labels == c
-        if positives.all() or not positives.any():
-            continue
+    for c, positives in curve_classes(labels, classes):
         fpr, tpr, _ = _skm().roc_curve(positives, probs[:, c])
         ax.plot(fpr, tpr, label=classes[c])
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
