@@ -41,13 +41,7 @@ def open_data(cfg: TrainConfig) -> sources.Source:
 def load_data(cfg: TrainConfig, base: dict | None, source: sources.Source | None = None
               ) -> tuple[sources.Source, dict[str, Store], dict[str, Any], list[str]]:
     """Open DATA, fix input size and channels, decode every split once. Returns source, stores, spec, skipped files."""
-    if source is not None:
-        return _load_stores(cfg, base, source)
-    source = sources.open_source(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
-    if "train" not in source.splits:
-        raise MedclfError(f"{cfg.data} has no train split")
-    sources.ensure_val_split(source, cfg.val_fraction, cfg.seed)
-    return _load_stores(cfg, base, source)
+    return _load_stores(cfg, base, source if source is not None else open_data(cfg))
 
 
 def _load_stores(cfg: TrainConfig, base: dict | None, source: sources.Source):
