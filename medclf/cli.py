@@ -52,6 +52,12 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<data>)")
 
 
+def add_inference_flags(p: argparse.ArgumentParser) -> None:
+    """--device and --skip-bad, shared by the commands that run a trained model on images."""
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-bad", action="store_true")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medclf", description="Train, evaluate and explain medical image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,8 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--tta", action="store_true")
     p.add_argument("--out", help="write the metrics JSON here")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--skip-bad", action="store_true")
+    add_inference_flags(p)
 
     p = sub.add_parser("predict", help="class probabilities for images, folders, or a split of DATA")
     p.add_argument("model", metavar="RUN_OR_MODEL")
@@ -87,8 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="treat INPUT as DATA and predict this split")
     p.add_argument("--out", default="predictions.csv")
     p.add_argument("--tta", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--skip-bad", action="store_true")
+    add_inference_flags(p)
 
     p = sub.add_parser("compare", help="train arms × seeds on DATA and compare them on the same images")
     p.add_argument("data", help="folder, .npz, or dataset name")
@@ -108,8 +112,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--out", default="explain", help="folder for the overlays and explain.csv (default explain/)")
     p.add_argument("--class", dest="target", metavar="CLASS", help="explain this class instead of the prediction")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--skip-bad", action="store_true")
+    add_inference_flags(p)
 
     sub.add_parser("datasets", help="the named public datasets and whether each is cached")
     return parser
