@@ -33,7 +33,7 @@ def predict_store(model: nn.Module, store: Store, spec: dict[str, Any], device: 
     for idx in tqdm(order.split(batch_size), desc=desc or "predict", unit="batch", leave=False,
                     disable=desc is None or len(store) < 4 * batch_size):
         x = prepare_batch(store.take(idx).to(device, non_blocking=True), spec["input_size"], spec["mean"], spec["std"],
-                          spec["in_chans"])
+                          spec["in_chans"], crop=spec.get("crop", 1.0))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with runtime.autocast(device, precision):

@@ -60,6 +60,7 @@ def _load_stores(cfg: TrainConfig, base: dict | None, source: sources.Source):
     norm = {"mean": base["mean"], "std": base["std"]} if base else models.data_config(cfg.weights, channels)
     spec = models.model_spec(base["arch"] if base else cfg.model, source.classes, channels, stem, input_size, **norm)
     spec["store_size"] = store_size
+    spec["crop"] = PRESETS[cfg.augment].eval_crop  # inference sees what training saw on average
     return source, stores, spec, skipped
 
 

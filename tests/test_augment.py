@@ -64,3 +64,27 @@ def test_eval_resize_matches_training_sampler():
     train_view = prepare_batch(x, 64, [0.5], [0.5], 1, identity_but_augmenting, torch.Generator().manual_seed(0))
     eval_view = prepare_batch(x, 64, [0.5], [0.5], 1)
     torch.testing.assert_close(eval_view, train_view)
+
+
+def test_eval_crop_is_the_mean_training_crop_side():
+    for name in ("light", "strong"):
+        preset = PRESETS[name]
+        square = AugmentPreset(scale=preset.scale)  # aspect 1, no rotation: theta[0, 0] is the crop side
+        sides = affine_matrices(20000, square, torch.Generator().manual_seed(0))[:, 0, 0]
+        assert abs(sides.mean().item() - preset.eval_crop) < 0.005
+    assert PRESETS["none"].eval_crop == 1.0
+
+
+def test_center_crop_keeps_the_middle():
+    x = torch.zeros(2, 1, 40, 40, dtype=torch.uint8)
+    x[..., 10:30, 10:30] = 255  # the middle half of each side is white
+    out = prepare_batch(x, 32, [0.0], [1.0], 1, crop=0.5)
+    assert out.shape == (2, 1, 32, 32)
+    assert out[..., 1:-1, 1:-1].min() > 0.99  # only the white square is left (bilinear blurs the outer pixel)
+    assert out.mean() > 0.95
+
+
+def test_rotation_adds_no_black_corners():
+    x = torch.full((8, 1, 28, 28), 200, dtype=torch.uint8)
+    out = prepare_batch(x, 64, [0.0], [1.0], 1, AugmentPreset(rotate=30.0), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, torch.full_like(out, 200 / 255))
