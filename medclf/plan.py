@@ -235,9 +235,11 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
            else f"classes are balanced ({imbalance:.2f}x): plain loss")
     decide("label_smoothing", 0.1, "0.1: calibrates and regularises; standard for ResNet training")
     small = n_train < 1000
-    decide("augment", "strong" if small and not finetune else "light",
-           f"only {n_train} training images: strong augmentation (TrivialAugment, erasing) against overfitting"
-           if small and not finetune else "light (flip, resized crop ±25% area, ±10°): geometry a scan plausibly varies by")
+    augment = "strong" if small and not finetune else "light"
+    decide("augment", augment,
+           (f"only {n_train} training images: strong augmentation (TrivialAugment, erasing) against overfitting"
+            if augment == "strong" else "light (flip, resized crop ±25% area, ±10°): geometry a scan plausibly varies by")
+           + f"; inference sees the centre {PRESETS[augment].eval_crop:.0%} of each side, the mean training crop")
     decide("lr", 5e-4 if finetune else 1e-3 * math.sqrt(settings["batch_size"] / 64),
            "5e-4: fine-tuning keeps the pretrained features" if finetune else
            "AdamW 1e-3 at batch 64, square-root scaled with the batch")

@@ -9,6 +9,7 @@ import yaml
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 from medclf.cli import main
+from medclf.data.augment import PRESETS
 
 from conftest import FAST_FLAGS, make_split_folder, write_class_folders
 
@@ -40,6 +41,16 @@ def test_train_writes_the_whole_run_directory(trained):
     assert config["size"] == 12 and config["stem"] == "small" and config["channels"] == 1
     ckpt = torch.load(run / "model.pt", weights_only=True)
     assert ckpt["classes"] == ["NORMAL", "PNEUMONIA"] and ckpt["input_size"] == 12
+    assert ckpt["crop"] == pytest.approx(PRESETS[config["augment"]].eval_crop) and ckpt["crop"] < 1
+
+
+def test_evaluate_reproduces_the_runs_validation_metrics(trained, tmp_path):
+    # training's validation and `evaluate` must preprocess alike (size, centre crop, channels)
+    data, run = trained
+    saved = json.loads((run / "metrics.json").read_text())["val"]
+    assert main(["evaluate", str(run), str(data), "--split", "val", "--out", str(tmp_path / "m.json")]) == 0
+    again = json.loads((tmp_path / "m.json").read_text())["val"]
+    assert again["accuracy"] == pytest.approx(saved["accuracy"]) and again["auc"] == pytest.approx(saved["auc"])
 
 
 def test_predictions_csv_reproduces_evaluate(trained, tmp_path, capsys):
