@@ -8,7 +8,7 @@ import shutil
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -95,7 +95,11 @@ def epoch_order(n: int, labels: torch.Tensor, balance: str, k: int, generator: t
     return torch.randperm(n, generator=generator)
 
 
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                   budget_used: Callable[[], float] | None = None):
+    """Warm-up, then cosine (or constant) per step. `budget_used()` (the fraction of the time budget spent)
+    moves the cosine ahead of the step count when the clock, not the epochs, will end training, so the
+    learning rate has decayed when the budget stops the run on a slower-than-probed machine."""
     if cfg.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min" if cfg.monitor == "loss" else "max",
                                                           factor=0.5, patience=max(1, cfg.patience // 2))
@@ -107,8 +111,10 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
             return (step + 1) / warmup
         if cfg.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress))
+        progress = (step - warmup) / max(1, total - warmup)
+        if budget_used is not None:
+            progress = max(progress, budget_used())
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -236,7 +242,9 @@ def train(config: TrainConfig | dict | None = None, *, force: bool = False, resu
     train_model = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(cfg, model)
     steps = max(1, len(train_store) // cfg.batch_size)
-    scheduler = make_scheduler(cfg, optimizer, steps)
+    started = time.perf_counter()  # the time budget's clock
+    budget_used = (lambda: (time.perf_counter() - started) / (cfg.time_budget * 60)) if cfg.time_budget else None
+    scheduler = make_scheduler(cfg, optimizer, steps, budget_used)
     weight = class_weights(train_store.labels, k).to(device) if balance == "weight" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     ema = None
@@ -258,7 +266,7 @@ def train(config: TrainConfig | dict | None = None, *, force: bool = False, resu
           f"({spec['stem']} stem, {spec['input_size']} px, {spec['in_chans']} ch) on "
           f"{runtime.describe(device, precision, channels_last)} → {out}")
 
-    started, bad_epochs = time.perf_counter(), _epochs_since_best(history, cfg.monitor)
+    bad_epochs = _epochs_since_best(history, cfg.monitor)
     deadline = started + cfg.time_budget * 60 if cfg.time_budget else None
     epochs = tqdm(range(start_epoch, cfg.epochs), desc="epochs", unit="epoch", initial=start_epoch, total=cfg.epochs,
                   disable=not progress)
@@ -299,9 +307,6 @@ def train(config: TrainConfig | dict | None = None, *, force: bool = False, resu
         raise MedclfError(f"interrupted; the last finished epoch is saved: resume with `medclf train --resume {out}`") from None
     epochs.close()
     print(f"{stop_reason} after {len(history)} epoch(s), {time.perf_counter() - started:.0f} s")
-    if stop_reason.startswith("time budget") and cfg.schedule == "cosine" and len(history) < cfg.epochs:
-        print(f"note: the cosine schedule was sized to {cfg.epochs} epochs; fewer --epochs (or no --epochs: the plan "
-              "fits them to the budget) lets the learning rate decay before the budget ends")
     metrics = finish_run(out, stores, spec, cfg, device, precision, channels_last)
     return {"out": str(out), "metrics": metrics, "history": history}
 
