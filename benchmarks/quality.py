@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import resource
 import statistics
 import sys
 import tarfile
@@ -65,7 +66,9 @@ def run_one(name: str, data: Path, seed: int, budget: float, out: Path, **extra)
                 "train_minutes": round(sum(h["seconds"] for h in result["history"]) / 60, 2),
                 "total_minutes": round(minutes, 2), "size": config["size"], "stem": config["stem"],
                 "augment": config["augment"], "batch_size": config["batch_size"], "ema": config["ema"],
-                "weights": config["weights"], "run": str(out)})
+                "weights": config["weights"], "run": str(out),
+                # the benchmark process's peak so far (Linux reports KiB), MedNIST's store included once it ran
+                "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)})
     print(json.dumps(row), flush=True)
     return row
 

@@ -85,6 +85,7 @@ def test_plan_for_tiny_small_and_large_images(monkeypatch):
     big = plan_module.make_plan(_fp(512, n_train=200, kind="folder"))
     assert big["settings"]["stem"] == "imagenet" and 64 <= big["settings"]["size"] <= 224
     assert big["settings"]["augment"] == "strong" and big["settings"]["batch_size"] == 16
+    assert mnist["settings"]["monitor"] == "auc" and big["settings"]["monitor"] == "loss"  # 500 vs 20 val images
     # every setting comes with a one-line reason
     for p in (tiny, mnist, big):
         assert set(p["settings"]) == set(plan_module.PLANNED) == set(p["reasons"])
