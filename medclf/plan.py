@@ -244,7 +244,8 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
     decide("lr", 5e-4 if finetune else 1e-3 * math.sqrt(settings["batch_size"] / 64),
            "5e-4: fine-tuning keeps the pretrained features" if finetune else
            "AdamW 1e-3 at batch 64, square-root scaled with the batch")
-    decide("schedule", "cosine", "cosine decay sized to the planned epochs: ends at a low LR when the budget ends")
+    decide("schedule", "cosine", "cosine decay sized to the planned epochs, following the clock if training runs slower: "
+                                 "ends at a low LR when the budget ends")
     if k == 2 and n_val >= MIN_VAL_FOR_AUC:
         decide("monitor", "auc", f"ROC AUC: threshold-free, robust to imbalance; {n_val} validation images pin it down")
     elif k == 2:
