@@ -1,0 +1,96 @@
+"""Atomic file writes: every artifact is either complete or absent, never half-written.
+
+Each writer writes to a temporary file in the destination's folder (same filesystem), flushes it,
+then `os.replace`s it over the destination, so a Ctrl-C, a kill or a full disk during the write
+leaves the previous file (or none) in place. On failure the temporary file is removed.
+A full disk (ENOSPC/EDQUOT) becomes one `MedclfError` line naming the file and the free space left.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+from .errors import MedclfError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free space on the filesystem holding path (or its nearest existing parent), None if unknown."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def disk_full_error(path: str | os.PathLike, needed: int | None = None) -> MedclfError:
+    free = free_bytes(Path(path).parent)
+    need = f"; about {needed / 1e6:.1f} MB needed" if needed else ""
+    have = f"{free / 1e6:.1f} MB free" if free is not None else "free space unknown"
+    return MedclfError(f"disk full writing {path} ({have}{need}); free some space and re-run (or --resume)")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return True
+    # torch.save reports a failed write as RuntimeError from its zip writer, with the errno in the text
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("No space left" in text or "file write failed" in text)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on any failure it is removed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException as exc:
+        tmp_path.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full_error(path) from None
+        raise
+
+
+def write_with(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call write(tmp_path) and move the result over path atomically."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_with(path, lambda tmp: tmp.write_text(text))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return write_with(path, lambda tmp: tmp.write_bytes(data))
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    import torch
+
+    return write_with(path, lambda tmp: torch.save(obj, tmp))
+
+
+@contextlib.contextmanager
+def open_atomic(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """`with open_atomic("x.csv", newline="") as f:` writes x.csv atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
