@@ -51,15 +51,15 @@ def cache_key(split: Split, source: Source, size: int, channels: int) -> str:
     h = hashlib.sha1(f"v{CACHE_VERSION}|{size}|{channels}|{source.kind}".encode())
     if split.paths is not None:
         files = split.paths
-        for p in files:
-            st = os.stat(p)
+        stats = [os.stat(p) for p in files]
+        for p, st in zip(files, stats):
             h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     else:
         files = [str(source.root)]
-        st = os.stat(source.root)
-        h.update(f"{Path(source.root).resolve()}|{st.st_size}|{st.st_mtime_ns}|{split.npz_key}".encode())
+        stats = [os.stat(source.root)]
+        h.update(f"{Path(source.root).resolve()}|{stats[0].st_size}|{stats[0].st_mtime_ns}|{split.npz_key}".encode())
         h.update(np.ascontiguousarray(split.rows).tobytes())
-    if sum(os.stat(p).st_size for p in files) <= CONTENT_HASH_MAX_BYTES:
+    if sum(st.st_size for st in stats) <= CONTENT_HASH_MAX_BYTES:
         for p in files:
             with open(p, "rb") as f:
                 h.update(hashlib.file_digest(f, "sha1").digest())

@@ -256,7 +256,9 @@ def _decode_and_cache(source: Source, split: Split, size: int, channels: int, sk
         try:
             _finish_cache(tmp, folder, images, reasons, {"data": str(source.root), "split": desc, "size": size,
                                                          "channels": channels})
-            return _cache_hit(folder, split, skip_bad=True)  # memory-mapped when large: this copy is dropped
+            cached = _cache_hit(folder, split, skip_bad=True)  # memory-mapped when large: this copy is dropped
+            if cached is not None:
+                return cached
         except OSError as exc:
             images = np.array(images)  # read the pixels back before their file goes
             _cache_unwritable(root, exc, tmp)
@@ -347,10 +349,12 @@ def _finish_cache(tmp: Path, folder: Path, images: np.ndarray, reasons: dict[int
     meta = {"version": disk_cache.CACHE_VERSION, "shape": list(images.shape), **described,
             "skipped_rows": rows, "skipped_reasons": [reasons[i] for i in rows], "created": time.time()}
     (tmp / "meta.json").write_text(json.dumps(meta))
-    if folder.exists():  # another process finished the same store first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
+    try:
         os.replace(tmp, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same store first
 
 
 def _load_pixels(folder: Path) -> torch.Tensor | np.ndarray:
