@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from medclf.cli import main
 from medclf.data import cache, sources, store
@@ -46,22 +48,17 @@ def test_cache_hit_takes_labels_from_the_current_class_list(tmp_path):
 
 
 def test_same_size_and_mtime_but_new_bytes_is_not_served_stale(tmp_path):
-    root = write_class_folders(tmp_path / "d" / "train", {"a": 3, "b": 3})
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):  # BMP: every 12×12 gray image has the same byte size, as a restored backup would
+        (tmp_path / "d" / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(make_image(i % 2, 12, rng)).save(tmp_path / "d" / "train" / c / f"{i}.bmp")
     source = sources.open_source(tmp_path / "d")
     cache_dir = str(tmp_path / "c")
     first, _ = build_store(source, "train", 12, 1, cache_dir=cache_dir)
-    target = root / "a" / "a_0.png"
+    target = tmp_path / "d" / "train" / "a" / "0.bmp"
     st = target.stat()
-    from PIL import Image
-
-    replacement = tmp_path / "r.png"
-    for seed in range(50):  # another image whose PNG has the same byte size, as a backup copy could
-        Image.fromarray(make_image(1, 12, np.random.default_rng(seed))).save(replacement)
-        if replacement.stat().st_size == st.st_size:
-            break
-    else:
-        pytest.skip("no same-size replacement found")
-    shutil.copyfile(replacement, target)
+    Image.fromarray(255 - make_image(0, 12, rng)).save(target)
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # what `cp -p` from a backup does
     assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
     second, _ = build_store(source, "train", 12, 1, cache_dir=cache_dir)
@@ -198,8 +195,6 @@ def _tmp_store(root: Path, name: str, age_seconds: float = 0) -> Path:
 
 
 def test_orphaned_temporary_stores_are_cleaned_up(split_folder, tmp_path):
-    import socket
-
     root = tmp_path / "c"
     host = socket.gethostname()
     dead = _tmp_store(root, f".tmp-{_dead_pid()}@{host}.abc")
@@ -223,7 +218,7 @@ def test_cache_list_prune_clear(split_folder, tmp_path, capsys):
     root = tmp_path / "c"
     val, test = _two_stores(split_folder, root)
     os.utime(val / "meta.json", (time.time() - 3600, time.time() - 3600))  # val: least recently used
-    orphan = _tmp_store(root, f".tmp-{_dead_pid()}@{__import__('socket').gethostname()}.x")
+    orphan = _tmp_store(root, f".tmp-{_dead_pid()}@{socket.gethostname()}.x")
     assert main(["cache", "list", "--cache-dir", str(root)]) == 0
     out = capsys.readouterr().out
     assert val.name in out and test.name in out and "2 store(s)" in out and "[val]" in out

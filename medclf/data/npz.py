@@ -126,8 +126,9 @@ def check_classes(path, labels: dict[str, np.ndarray], classes: list[str] | None
     top = int(present.max())
     which = "train_labels" if "train" in labels else "labels"
     if len(present) != top + 1:
-        missing = sorted(set(range(top + 1)) - set(present.tolist()))
-        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        # the first five missing values lie below len(present) + 5: no need to list all of 0..top
+        missing = np.setdiff1d(np.arange(min(top + 1, len(present) + 5)), present)[:5]
+        shown = ", ".join(map(str, missing)) + (", ..." if top + 1 - len(present) > 5 else "")
         raise MedclfError(f"{path}: {which} skip class(es) {shown} (values up to {top}, {len(present)} used); "
                           "remap labels to 0..K-1")
     if "train" in labels and len(present) < 2:
