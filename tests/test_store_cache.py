@@ -261,3 +261,15 @@ def test_reserved_npy_reads_back_as_npy(tmp_path):
     mm.flush()
     assert os.stat(tmp_path / "x.npy").st_blocks * 512 >= 48  # allocated, not sparse
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "x.npy")), torch.arange(48, dtype=torch.uint8).view(3, 1, 4, 4))
+
+
+def test_reserved_npy_writes_zeros_where_fallocate_is_unsupported(tmp_path, monkeypatch):
+    def unsupported(*args):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    mm = cache.reserved_npy(tmp_path / "x.npy", (2, 1, 8, 8))
+    mm[1] = 7
+    mm.flush()
+    assert os.stat(tmp_path / "x.npy").st_blocks * 512 >= 128
+    assert np.load(tmp_path / "x.npy").sum() == 7 * 64

@@ -16,6 +16,7 @@ change while its size and modification time stay the same (e.g. restored with `c
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -83,12 +84,23 @@ def reserved_npy(path: Path, shape: tuple[int, ...]) -> np.memmap:
         np.lib.format.write_array_header_1_0(f, header)
         offset = f.tell()
         total = offset + int(np.prod(shape))
-        if hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(f.fileno(), 0, total)
-        else:  # no fallocate (macOS): writing the zeros reserves the blocks as well
+        if not _fallocate(f.fileno(), total):  # writing the zeros reserves the blocks as well
             for start in range(offset, total, 1 << 20):
                 f.write(bytes(min(1 << 20, total - start)))
     return np.memmap(path, np.uint8, "r+", offset=offset, shape=shape)
+
+
+def _fallocate(fd: int, total: int) -> bool:
+    """Reserve total bytes; False where this system or filesystem cannot (macOS, some network filesystems)."""
+    if not hasattr(os, "posix_fallocate"):
+        return False
+    try:
+        os.posix_fallocate(fd, 0, total)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return False
+        raise  # ENOSPC and the like: the caller falls back to memory
+    return True
 
 
 def is_stale_tmp(folder: Path, now: float | None = None) -> bool:
