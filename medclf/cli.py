@@ -115,6 +115,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_inference_flags(p)
 
     sub.add_parser("datasets", help="the named public datasets and whether each is cached")
+
+    p = sub.add_parser("cache", help="list, clear or prune the decoded-image cache")
+    p.add_argument("action", nargs="?", choices=("list", "clear", "prune"), default="list")
+    p.add_argument("--max-size", type=float, metavar="GB", help="prune: evict least recently used stores down to GB")
+    p.add_argument("--cache-dir", help="the cache to act on (default $MEDCLF_DATA/stores)")
     return parser
 
 
@@ -151,10 +156,40 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "datasets":
         from .data.named import available, data_home
 
+        from .data.cache import cache_root, human_bytes, total_bytes
+
         print(f"cache: {data_home()}")
+        print(f"decoded stores: {cache_root(None)} ({human_bytes(total_bytes(cache_root(None)))}; `medclf cache`)")
         for row in available():
             print(f"{row['name']:<22} {row['classes']:>3} classes  {'cached' if row['cached'] else '-':<7} {row['task']}")
+    elif args.command == "cache":
+        cache_command(args.action, args.cache_dir, args.max_size)
     return 0
+
+
+def cache_command(action: str, cache_dir: str | None, max_size_gb: float | None) -> None:
+    """`medclf cache list|clear|prune --max-size GB`."""
+    import time
+
+    from .data import cache
+
+    root = cache.cache_root(cache_dir)
+    if action == "list":
+        stores = cache.entries(root)
+        for e in stores:
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else "?"
+            what = f"{e.meta.get('data', '?')} [{e.meta.get('split', '?')}] {e.meta.get('shape', '?')}"
+            print(f"{e.path.name}  {cache.human_bytes(e.nbytes):>9}  used {used}  {what}")
+        print(f"{len(stores)} store(s), {cache.human_bytes(cache.total_bytes(root))} in {root}")
+        return
+    if action == "prune" and (max_size_gb is None or max_size_gb < 0):
+        raise MedclfError("cache prune needs --max-size GB (0 or more): the size to evict down to")
+    if action == "clear":
+        removed, freed = cache.clear(root)
+    else:
+        removed, freed = cache.prune(root, int(max_size_gb * 1e9))
+    print(f"removed {removed} store(s), freed {cache.human_bytes(freed)}; "
+          f"{cache.human_bytes(cache.total_bytes(root))} left in {root}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,7 +82,7 @@ def fingerprint(source: sources.Source, sample: int = HEADER_SAMPLE) -> dict[str
                 heights.append(img.size[1])
                 modes[img.mode] = modes.get(img.mode, 0) + 1
                 formats[img.format or "?"] = formats.get(img.format or "?", 0) + 1
-        except (UnidentifiedImageError, OSError):
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
             unreadable += 1
     bits = max((_MODE_BITS.get(m, 8) for m in modes), default=8)
     fp.update({"width": _stats(widths), "height": _stats(heights),

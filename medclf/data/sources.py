@@ -6,13 +6,14 @@ A `Source` lists, per split, what to decode (file paths or npz rows) and the int
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import MedclfError
-from . import named, splits
+from . import named, npz, splits
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
 SPLIT_NAMES = ("train", "val", "test")
@@ -46,6 +47,7 @@ class Source:
     classes: list[str]
     splits: dict[str, Split] = field(default_factory=dict)
     generated_splits: dict[str, str] = field(default_factory=dict)  # split -> how it was made
+    pixel_rules: dict[str, str] = field(default_factory=dict)  # npz array -> how it becomes uint8 (npz.py)
 
     def load_npz(self):
         return np.load(self.root, mmap_mode="r")
@@ -97,12 +99,15 @@ def open_folder(root: Path, classes: list[str] | None, seed: int, val_fraction: 
             if "train" not in found:
                 raise MedclfError(f"{root} has no train/ split; pass a trained model to evaluate a {'/'.join(found)} split")
             classes = sorted(found["train"])
+            _need_two_classes(classes, split_dirs["train"])
         source = Source(root.name, "folder", root, list(classes))
         for s, by_class in found.items():
             source.splits[s] = _folder_split(by_class, source.classes, split_dirs[s])
     else:
         by_class = _read_class_folders(root)
-        classes = list(classes) if classes is not None else sorted(by_class)
+        if classes is None:
+            classes = sorted(by_class)
+            _need_two_classes(classes, root)
         whole = _folder_split(by_class, classes, root)
         source = Source(root.name, "folder", root, classes)
         parts = splits.stratified_split(whole.labels, val_fraction, test_fraction, seed)
@@ -112,7 +117,15 @@ def open_folder(root: Path, classes: list[str] | None, seed: int, val_fraction: 
     return source
 
 
+def _need_two_classes(classes: list[str], where: Path) -> None:
+    """Training needs two classes; evaluating a model on data holding fewer of its classes is fine."""
+    if len(classes) < 2:
+        raise MedclfError(f"{where} has one class only ({classes[0]}); a classifier needs at least two classes "
+                          "with images in train")
+
+
 def open_npz(path: Path, classes: list[str] | None, class_names: list[str] | None = None) -> Source:
+    """An .npz in MedMNIST layout, checked as `npz.py` describes (labels, dtypes, empty splits, classes)."""
     try:
         archive = np.load(path, mmap_mode="r")
         keys = set(archive.files)
@@ -122,30 +135,28 @@ def open_npz(path: Path, classes: list[str] | None, class_names: list[str] | Non
     if not present:
         raise MedclfError(f"{path} has no <split>_images arrays (found keys: {', '.join(sorted(keys)) or 'none'}); "
                           "expected MedMNIST layout: train_images, train_labels, val_images, ...")
-    label_sets = {}
+    label_sets, image_sets = {}, {}
     for s in present:
         if f"{s}_labels" not in keys:
             raise MedclfError(f"{path} has {s}_images but no {s}_labels")
-        images, labels = archive[f"{s}_images"], np.asarray(archive[f"{s}_labels"])
-        if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
-            raise MedclfError(f"{path}: {s}_images must be N×H×W or N×H×W×3, got shape {images.shape}")
-        if labels.ndim == 2 and labels.shape[1] != 1:
-            raise MedclfError(f"{path}: {s}_labels has shape {labels.shape}; multi-label data is not supported")
-        labels = labels.reshape(-1).astype(np.int64)
-        if len(labels) != len(images):
-            raise MedclfError(f"{path}: {s}_images has {len(images)} rows but {s}_labels has {len(labels)}")
-        label_sets[s] = labels
-    top = max(int(l.max()) for l in label_sets.values() if len(l))
-    if classes is None:
-        classes = class_names if class_names and len(class_names) > top else [str(i) for i in range(top + 1)]
-    for s, labels in label_sets.items():
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise MedclfError(f"{path}: {s}_labels out of range: values must be in 0..{len(classes) - 1}, "
-                              f"found {labels.min()}..{labels.max()}")
-    source = Source(path.stem, "npz", path, list(classes))
+        images = npz.read_array(archive, path, f"{s}_images")
+        npz.check_image_shape(path, s, images)
+        label_sets[s] = npz.check_labels(path, s, np.asarray(npz.read_array(archive, path, f"{s}_labels")), len(images))
+        image_sets[s] = images
+    rules = npz.pixel_rules(path, image_sets)
+    converted = sorted({r for r in rules.values() if r != npz.AS_IS})
+    if converted:
+        notice(f"{path.name}: images converted to uint8 ({'; '.join(converted)})")
+    source = Source(path.stem, "npz", path, npz.check_classes(path, label_sets, classes, class_names))
+    source.pixel_rules = rules
     for s, labels in label_sets.items():
         source.splits[s] = Split(labels=labels, npz_key=s, rows=np.arange(len(labels)))
     return source
+
+
+def notice(message: str) -> None:
+    """A one-line warning on stderr, beside the CLI's one-line errors."""
+    print(f"medclf: warning: {message}", file=sys.stderr)
 
 
 def ensure_val_split(source: Source, val_fraction: float, seed: int) -> None:

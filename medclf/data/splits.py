@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import MedclfError
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
@@ -29,8 +32,13 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
 def _split(idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split  # imported where used: slow to import
 
+    n_held = math.ceil(fraction * len(idx))  # how scikit-learn sizes the held-out part
+    if n_held >= len(idx):
+        raise MedclfError(f"{len(idx)} image(s) are too few to hold out {fraction:.0%} for validation/test; "
+                          "add images or give val/test splits")
     counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 and len(idx) * fraction >= len(counts[counts > 0]) else None
+    n_classes = len(counts[counts > 0])
+    stratify = labels if counts[counts > 0].min() >= 2 and min(n_held, len(idx) - n_held) >= n_classes else None
     a, b = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
     return np.asarray(a), np.asarray(b)
 

@@ -1,19 +1,21 @@
 """The decoded store: each split decoded, converted and resized once into one uint8 N×C×H×W array.
 
-Every epoch reuses it. Stores are cached on disk as .npy files keyed by a fingerprint of the source
-files (paths, sizes, mtimes) and the preprocessing, and memory-mapped when larger than half the
-available RAM, so a second run starts in seconds and data larger than RAM still trains.
+Every epoch reuses it. Stores are cached on disk as .npy files (pixels only; `cache.py` says exactly
+what the cache key covers) and memory-mapped when larger than half the available RAM, so a second
+run starts in seconds and data larger than RAM still trains.
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 import shutil
-import tempfile
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -21,9 +23,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from ..errors import MedclfError
-from .sources import Source, Split
+from . import cache as disk_cache
+from . import npz
+from .cache import cache_root
+from .sources import Source, Split, notice
 
-CACHE_VERSION = 1
+# what PIL raises for a file it cannot decode; the bomb warning counts once `_bombs_are_errors` is in force
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+              Image.DecompressionBombWarning)
 
 
 @dataclass
@@ -53,29 +60,41 @@ class Store:
         return batch.index_select(0, inverse)
 
 
-def cache_root(cache_dir: str | None) -> Path:
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    from .named import data_home
-
-    return data_home() / "stores"
-
-
 def decode_image(path: str, size: int) -> np.ndarray:
-    """One image file as uint8 H×W (grayscale) or H×W×3 (colour), short side resized to size, centre-cropped."""
+    """One image file as uint8 H×W (grayscale) or H×W×3 (colour), short side resized to size, centre-cropped.
+
+    Images above PIL's `Image.MAX_IMAGE_PIXELS` are refused as unreadable before any pixel is decoded.
+    """
     try:
         with Image.open(path) as img:
+            _check_pixels(img)
             img.draft(None, (size, size))  # JPEG: decode at a reduced scale directly (much faster)
             img = ImageOps.exif_transpose(img)
             img = _to_8bit(img)
             if img.size != (size, size):
                 img = _fit(img, size)
             array = np.asarray(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UNREADABLE as exc:
         raise MedclfError(f"cannot read image {path}: {exc}") from None
     if array.ndim == 3 and _is_gray(array):
         array = array[..., 0]
     return array
+
+
+def _check_pixels(img: Image.Image) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.size[0] * img.size[1] > limit:
+        raise Image.DecompressionBombError(f"{img.size[0]}×{img.size[1]} pixels is more than the "
+                                           f"{limit} allowed (PIL.Image.MAX_IMAGE_PIXELS)")
+
+
+@contextlib.contextmanager
+def _bombs_are_errors() -> Iterator[None]:
+    """Turn PIL's decompression-bomb warning into an error while decoding (set here, around the worker threads,
+    because the warning filters are process-wide and not thread-safe to change from the workers)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
 
 
 def _fit(img: Image.Image, size: int) -> Image.Image:
@@ -132,9 +151,9 @@ def probe_folder_size(paths: list[str], sample: int = 200) -> int:
     sides = []
     for p in paths[::step][:sample]:
         try:
-            with Image.open(p) as img:
+            with _bombs_are_errors(), Image.open(p) as img:
                 sides.append(min(img.size))
-        except (UnidentifiedImageError, OSError):
+        except UNREADABLE:
             continue
     return int(np.median(sides)) if sides else 224
 
@@ -142,14 +161,16 @@ def probe_folder_size(paths: list[str], sample: int = 200) -> int:
 def probe_channels(source: Source, split: Split, sample: int = 200) -> int:
     """3 if any sampled image holds real colour, else 1."""
     if source.kind == "npz":
-        return 3 if source.load_npz()[f"{split.npz_key}_images"].ndim == 4 else 1
+        shape = source.load_npz()[f"{split.npz_key}_images"].shape
+        return 3 if len(shape) == 4 and shape[-1] == 3 else 1
     step = max(1, len(split.paths) // sample)
-    for p in split.paths[::step][:sample]:
-        try:
-            if decode_image(p, 32).ndim == 3:
-                return 3
-        except MedclfError:
-            continue
+    with _bombs_are_errors():
+        for p in split.paths[::step][:sample]:
+            try:
+                if decode_image(p, 32).ndim == 3:
+                    return 3
+            except MedclfError:
+                continue
     return 1
 
 
@@ -162,53 +183,116 @@ def native_size(source: Source) -> int:
     return min(probe_folder_size(split.paths), 512)
 
 
-def fingerprint(split: Split, source: Source, size: int, channels: int) -> str:
-    h = hashlib.sha1(f"v{CACHE_VERSION}|{size}|{channels}|{source.kind}".encode())
-    if split.paths is not None:
-        for p in split.paths:
-            st = os.stat(p)
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    else:
-        st = os.stat(source.root)
-        h.update(f"{Path(source.root).resolve()}|{st.st_size}|{st.st_mtime_ns}|{split.npz_key}".encode())
-        h.update(np.ascontiguousarray(split.rows).tobytes())
-    return h.hexdigest()[:20]
-
-
 def build_store(source: Source, split_name: str, size: int, channels: int, skip_bad: bool = False,
                 cache: bool = True, cache_dir: str | None = None, desc: str | None = None) -> tuple[Store, list[str]]:
-    """Decode one split (or load it from the cache). Returns the store and the files skipped as unreadable."""
+    """Decode one split (or load its pixels from the cache). Returns the store and the files skipped as unreadable.
+
+    Labels and ids always come from `source`; the cache holds pixels only (see `cache.py` for its key).
+    """
     split = source.splits[split_name]
-    folder = cache_root(cache_dir) / fingerprint(split, source, size, channels) if cache else None
-    if folder is not None and (folder / "meta.json").is_file():
-        return _load_cached(folder), json.loads((folder / "meta.json").read_text())["skipped"]
-    tmp = _new_cache_dir(folder) if folder is not None else None
-    shape = (len(split), channels, size, size)
+    desc = desc or split_name
+    if not cache:
+        images, keep, reasons = _decode(source, split, np.empty((len(split), channels, size, size), np.uint8),
+                                        skip_bad, desc)
+        return _store(images, split, keep), _skipped_paths(split, reasons)
+    root = cache_root(cache_dir)
+    folder = root / disk_cache.cache_key(split, source, size, channels)
+    hit = _cache_hit(folder, split, skip_bad)
+    if hit is not None:
+        return hit
+    disk_cache.remove_stale_tmps(root)
+    return _decode_and_cache(source, split, size, channels, skip_bad, desc, root, folder)
+
+
+def _store(images: np.ndarray | torch.Tensor, split: Split, keep: np.ndarray) -> Store:
+    if isinstance(images, np.ndarray) and not isinstance(images, np.memmap):
+        images = torch.from_numpy(images)
+    return Store(images, torch.from_numpy(split.labels[keep]), [split.ids[i] for i in keep])
+
+
+def _cache_hit(folder: Path, split: Split, skip_bad: bool) -> tuple[Store, list[str]] | None:
+    """The cached store for split, or None when there is none (or it is unreadable: it is then rebuilt)."""
     try:
-        if source.kind == "npz":
-            images, keep, skipped = _decode_npz(source, split, size, channels), np.arange(len(split)), []
-        else:
-            # decode straight into the on-disk array when caching, so RAM never holds a second copy
-            out = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, shape) if tmp else np.empty(shape, np.uint8)
-            images, keep, skipped = _decode_files(split.paths, out, skip_bad, desc or split_name)
+        meta = json.loads((folder / "meta.json").read_text())
+        skipped_rows = [int(i) for i in meta["skipped_rows"]]
+        reasons = list(meta["skipped_reasons"])
+        images = _load_pixels(folder)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):  # damaged or from an older medclf: decode afresh
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    if skipped_rows and not skip_bad:  # answer exactly as a fresh decode without --skip-bad would
+        raise MedclfError(reasons[0])
+    keep = np.setdiff1d(np.arange(len(split)), skipped_rows)
+    if len(images) != len(keep):
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    disk_cache.mark_used(folder)
+    return _store(images, split, keep), _skipped_paths(split, dict.fromkeys(skipped_rows, ""))
+
+
+def _decode_and_cache(source: Source, split: Split, size: int, channels: int, skip_bad: bool, desc: str,
+                      root: Path, folder: Path) -> tuple[Store, list[str]]:
+    """Decode straight into a reserved .npy in a temporary folder, then rename it into place.
+
+    When the cache cannot be written (read-only, full disk) the split is decoded into memory instead.
+    """
+    shape = (len(split), channels, size, size)
+    tmp = None
+    try:
+        tmp = disk_cache.new_tmp_dir(root)
+        out = disk_cache.reserved_npy(tmp / "images.npy", shape) if source.kind == "folder" else np.empty(shape, np.uint8)
+    except OSError as exc:
+        _cache_unwritable(root, exc, tmp)
+        tmp, out = None, np.empty(shape, np.uint8)
+    try:
+        images, keep, reasons = _decode(source, split, out, skip_bad, desc)
     except BaseException:  # bad image, Ctrl-C: leave no half-written store behind
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    labels = split.labels[keep]
-    ids = [split.ids[i] for i in keep]
-    if tmp is None:
-        return Store(torch.from_numpy(np.asarray(images)), torch.from_numpy(labels), ids), skipped
-    try:
-        _finish_cache(tmp, folder, images, labels, ids, skipped)
-        return _load_cached(folder), skipped
-    except OSError:  # a full or read-only disk costs speed next time, never this run
+    if tmp is not None:
+        try:
+            _finish_cache(tmp, folder, images, reasons, {"data": str(source.root), "split": desc, "size": size,
+                                                         "channels": channels})
+            cached = _cache_hit(folder, split, skip_bad=True)  # memory-mapped when large: this copy is dropped
+            if cached is not None:
+                return cached
+        except OSError as exc:
+            images = np.array(images)  # read the pixels back before their file goes
+            _cache_unwritable(root, exc, tmp)
+    return _store(np.asarray(images), split, keep), _skipped_paths(split, reasons)
+
+
+def _skipped_paths(split: Split, reasons: dict[int, str]) -> list[str]:
+    return [split.paths[i] for i in sorted(reasons)]
+
+
+_warned_roots: set[str] = set()
+
+
+def _cache_unwritable(root: Path, exc: OSError, tmp: Path | None) -> None:
+    """Drop the temporary store and say once per cache folder that decoding goes to memory instead."""
+    if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
-        return Store(torch.from_numpy(np.array(images)), torch.from_numpy(labels), ids), skipped
+    if str(root) not in _warned_roots:
+        _warned_roots.add(str(root))
+        reason = exc.strerror or type(exc).__name__
+        notice(f"cannot write the decoded-image cache in {root} ({reason}); decoding into memory this run "
+               "(free space, or pass --cache-dir or --no-cache)")
+
+
+def _decode(source: Source, split: Split, out: np.ndarray, skip_bad: bool, desc: str):
+    """Decode split into out; returns the kept images, kept indices and {row: reason} of the skipped files."""
+    if source.kind == "npz":
+        return _decode_npz(source, split, out.shape[-1], out.shape[1]), np.arange(len(split)), {}
+    return _decode_files(split.paths, out, skip_bad, desc)
 
 
 def _decode_npz(source: Source, split: Split, size: int, channels: int) -> np.ndarray:
     array = np.asarray(source.load_npz()[f"{split.npz_key}_images"][split.rows])
+    array = npz.to_uint8(array, source.pixel_rules.get(split.npz_key, npz.AS_IS))
     array = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)
     images = torch.from_numpy(np.ascontiguousarray(array))
     if channels == 1 and images.shape[1] == 3:
@@ -231,61 +315,53 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Te
 
 
 def _decode_files(paths: list[str], images: np.ndarray, skip_bad: bool, desc: str):
-    """Decode every file into images (N×C×S×S); returns the kept images, kept indices and skipped paths."""
+    """Decode every file into images (N×C×S×S); returns the kept images, kept indices and {row: reason} skipped."""
     channels, size = images.shape[1], images.shape[-1]
-    ok = np.ones(len(paths), dtype=bool)
+    reasons: dict[int, str] = {}
 
     def work(i: int) -> None:
         try:
             images[i] = _to_channels(decode_image(paths[i], size), channels)
-        except MedclfError:
+        except MedclfError as exc:
             if not skip_bad:
                 raise
-            ok[i] = False
+            reasons[i] = str(exc)
 
     threads = min(8, (os.cpu_count() or 1) * 2)  # PIL releases the GIL while decoding
-    with ThreadPoolExecutor(threads) as pool:
+    with _bombs_are_errors(), ThreadPoolExecutor(threads) as pool:
         for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=f"decode {desc}",
                       unit="img", leave=False, disable=len(paths) < 500):
             pass
-    keep = np.flatnonzero(ok)
-    skipped = [paths[i] for i in np.flatnonzero(~ok)]
+    keep = np.setdiff1d(np.arange(len(paths)), list(reasons))
     if skip_bad and not len(keep):
         raise MedclfError(f"every image in the {desc} split is unreadable")
-    return (images if len(keep) == len(paths) else images[keep]), keep, skipped
+    return (images if len(keep) == len(paths) else np.asarray(images[keep])), keep, reasons
 
 
-def _new_cache_dir(folder: Path) -> Path | None:
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    except OSError:
-        return None
-
-
-def _finish_cache(tmp: Path, folder: Path, images: np.ndarray, labels: np.ndarray, ids: list[str],
-                  skipped: list[str]) -> None:
-    if isinstance(images, np.memmap) and Path(images.filename) == tmp / "images.npy":
+def _finish_cache(tmp: Path, folder: Path, images: np.ndarray, reasons: dict[int, str], described: dict) -> None:
+    """Complete the temporary store and rename it into place (the rename makes the whole store appear at once)."""
+    path = tmp / "images.npy"
+    if isinstance(images, np.memmap) and images.filename and Path(images.filename) == path.resolve():
         images.flush()
     else:
-        np.save(tmp / "images.npy", images)
-    np.save(tmp / "labels.npy", labels)
-    (tmp / "ids.json").write_text(json.dumps(ids))
-    (tmp / "meta.json").write_text(json.dumps({"shape": list(images.shape), "skipped": skipped}))
-    if folder.exists():  # another process finished the same store first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)  # atomic: an interrupted run never leaves a half-written store
+        np.save(path, images)
+    rows = sorted(reasons)
+    meta = {"version": disk_cache.CACHE_VERSION, "shape": list(images.shape), **described,
+            "skipped_rows": rows, "skipped_reasons": [reasons[i] for i in rows], "created": time.time()}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same store first
 
 
-def _load_cached(folder: Path) -> Store:
+def _load_pixels(folder: Path) -> torch.Tensor | np.ndarray:
     images = np.load(folder / "images.npy", mmap_mode="r")
-    available = _available_ram()
-    if images.nbytes < available / 2:
-        images = torch.from_numpy(np.array(images))  # fits: read it into RAM once
-    labels = torch.from_numpy(np.load(folder / "labels.npy"))
-    ids = json.loads((folder / "ids.json").read_text())
-    return Store(images, labels, ids)
+    if images.nbytes < _available_ram() / 2:
+        return torch.from_numpy(np.array(images))  # fits: read it into RAM once
+    return images
 
 
 def _available_ram() -> int:
