@@ -123,3 +123,18 @@ def test_train_either_runs_or_exits_2_with_one_line(setting, tiny, capsys):
         else:
             assert code == 2 and err.count("medclf: error: ") == 1 and err.endswith("\n") and "Traceback" not in err
             assert setting_label(name) in err.splitlines()[-1]
+
+
+def test_paths_are_text_settings(tmp_path):
+    cfg = TrainConfig(data=tmp_path / "xray", out=tmp_path / "run").validate()
+    assert cfg.data == str(tmp_path / "xray") and cfg.out == str(tmp_path / "run")
+    assert yaml.safe_load(yaml.safe_dump(cfg.to_dict()))["data"] == cfg.data  # config.yaml can hold it
+
+
+def test_config_file_reads_exponent_notation_as_numbers(tmp_path):
+    """PyYAML's YAML 1.1 reads `1e-3` as text; a hand-written config means the number."""
+    from medclf.config import load_yaml
+
+    path = tmp_path / "config.yaml"
+    path.write_text("lr: 1e-3\nweight_decay: 5E-5\ntime_budget: 1.5e1\nout: 1e3x\n")
+    assert load_yaml(path) == {"lr": 0.001, "weight_decay": 5e-5, "time_budget": 15.0, "out": "1e3x"}
