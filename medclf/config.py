@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, get_args, get_type_hints
+from typing import Any, Iterable, get_args, get_type_hints
 
 import yaml
 
@@ -42,7 +42,7 @@ class Interval:
     high_open: bool = False
 
     def __contains__(self, value: float) -> bool:
-        if not math.isfinite(value):
+        if not isinstance(value, numbers.Integral) and not math.isfinite(value):  # ints: finite, maybe too big for a float
             return False
         above = value > self.low if self.low_open else value >= self.low
         below = self.high is None or (value < self.high if self.high_open else value <= self.high)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -150,7 +151,9 @@ def read_resume_state(path: str | Path) -> dict[str, Any]:
 
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged file also warns (e.g. of an odd pickle protocol): one line is enough
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refused a global it does not allow: the file holds objects a plain checkpoint never
         # does, and loading it any other way would run code from it
@@ -158,7 +161,8 @@ def _torch_load(path: Path) -> Any:
         reason = detail.group(1)[:120] if detail else str(exc).strip().split("\n")[0][:120]
         raise MedclfError(f"{path}: refused to load ({reason}); a medclf checkpoint holds only tensors and "
                           f"plain values, and medclf never unpickles anything else") from None
-    except Exception as exc:  # noqa: BLE001 - torch.load reports damaged bytes with whatever its reader hits
+    except Exception as exc:  # noqa: BLE001 - only torch.load runs here; damaged bytes surface as any of a dozen
+        # exception types (RuntimeError, EOFError, KeyError, IndexError, TypeError, AssertionError, ...)
         first = str(exc).strip().split("\n")[0][:200]
         raise MedclfError(f"cannot load {path}: not a PyTorch checkpoint or a damaged one "
                           f"({type(exc).__name__}{': ' + first if first else ''})") from None
@@ -219,7 +223,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _is_class_list(value: Any) -> bool:

@@ -8,7 +8,6 @@ import ast
 import importlib
 import pathlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
