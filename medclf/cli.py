@@ -10,7 +10,18 @@ from .errors import MedclfError
 
 
 def _bool(text: str) -> bool:
-    return text.lower() in ("1", "true", "yes", "on")
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are a MedclfError (one line, exit 2) instead of the usage text and an exit."""
+
+    def error(self, message: str):
+        raise MedclfError(f"{message} (see `{self.prog} --help`)")
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -20,7 +31,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="none | imagenet | PATH to a medclf model.pt to fine-tune (default none)")
     p.add_argument("--finetune", choices=CHOICES["finetune"], help="train everything, or only the classifier head")
     p.add_argument("--size", type=int, help="input side in pixels (default: the data's own size)")
-    p.add_argument("--channels", type=int, choices=(1, 3), help="input channels (default: 1 for grayscale data)")
+    p.add_argument("--channels", type=int, choices=CHOICES["channels"], help="input channels (default: 1 for grayscale data)")
     p.add_argument("--stem", choices=CHOICES["stem"], help="small: 3×3 stride-1 stem for small images (auto: ≤ 48 px)")
     p.add_argument("--epochs", type=int, help=f"maximum epochs (default {d.epochs})")
     p.add_argument("--batch-size", type=int, help=f"images per step (default {d.batch_size})")
@@ -59,7 +70,7 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medclf", description="Train, evaluate and explain medical image classifiers.")
+    parser = OneLineParser(prog="medclf", description="Train, evaluate and explain medical image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a classifier on DATA")
@@ -193,9 +204,8 @@ def cache_command(action: str, cache_dir: str | None, max_size_gb: float | None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(get_args_parser().parse_args(argv))
     except MedclfError as exc:
         print(f"medclf: error: {exc}", file=sys.stderr)
         return 2

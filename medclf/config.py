@@ -1,10 +1,18 @@
-"""Training settings as one dataclass, written to and read from YAML."""
+"""Training settings as one dataclass, written to and read from YAML, and the one place their rules live.
+
+`TrainConfig.validate` checks every setting against its annotation (type) and its range, so flags,
+`--config` files and the Python API reject the same values with the same one-line message.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, get_args, get_type_hints
 
 import yaml
 
@@ -20,7 +28,53 @@ CHOICES = {
     "balance": ("auto", "weight", "sample", "none"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "monitor": ("auc", "accuracy", "balanced_accuracy", "f1_macro", "loss"),
+    "channels": (1, 3),
 }
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The finite values a numeric setting may take: from `low` up (to `high`), each end included unless open."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not isinstance(value, numbers.Integral) and not math.isfinite(value):  # ints: finite, maybe too big for a float
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+RANGES = {
+    "size": Interval(8),
+    "epochs": Interval(1),
+    "batch_size": Interval(1),
+    "lr": Interval(0, low_open=True),
+    "weight_decay": Interval(0),
+    "warmup_epochs": Interval(0),
+    "label_smoothing": Interval(0, 1, high_open=True),  # 1 would make every target uniform: nothing to learn
+    "grad_clip": Interval(0),
+    "patience": Interval(0),
+    "ema": Interval(0, 1, high_open=True),  # a decay of 1 never moves the average off its initial weights
+    "seed": Interval(0, 2**32 - 1),  # what NumPy's and PyTorch's generators accept
+    "time_budget": Interval(0, low_open=True),
+    "val_fraction": Interval(0, 1, low_open=True, high_open=True),  # training selects on a validation split
+    "test_fraction": Interval(0, 1, high_open=True),
+}
+
+# settings that are no flag of their own (--no-plan, --no-cache) or no flag at all: named as in config.yaml
+NOT_FLAGS = {"data": "DATA", "plan": "plan", "cache": "cache", "val_fraction": "val_fraction",
+             "test_fraction": "test_fraction"}
+TYPE_WORDS = {int: "an integer", float: "a number", str: "text", bool: "true or false", type(None): "null"}
 
 
 @dataclass
@@ -64,21 +118,12 @@ class TrainConfig:
     out: str | None = None
 
     def validate(self) -> "TrainConfig":
-        for name, allowed in CHOICES.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise MedclfError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} (got {value!r})")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise MedclfError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.size is not None and self.size < 8:
-            raise MedclfError("--size must be >= 8 pixels")
-        if self.channels not in (None, 1, 3):
-            raise MedclfError("--channels must be 1 or 3")
-        if self.time_budget is not None and self.time_budget <= 0:
-            raise MedclfError("--time-budget must be > 0 minutes")
-        if self.patience < 0:
-            raise MedclfError("--patience must be >= 0")
+        """Every setting checked for type and range (paths become text); MedclfError names the first bad one."""
+        for f in fields(self):
+            setattr(self, f.name, check_setting(f.name, getattr(self, f.name)))
+        if self.val_fraction + self.test_fraction >= 1:
+            raise MedclfError(f"val_fraction + test_fraction must be < 1, to leave images to train on "
+                              f"(got {self.val_fraction:g} + {self.test_fraction:g})")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,11 +131,76 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MedclfError(f"unknown setting(s) in config: {', '.join(unknown)}")
+        reject_unknown(values)
         return cls(**values)
+
+
+def setting_label(name: str) -> str:
+    """How messages name a setting: its flag, or its config.yaml key where it has no flag of its own."""
+    return NOT_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def reject_unknown(names: Iterable[Any]) -> None:
+    unknown = sorted(str(n) for n in set(names) - set(_FIELD_TYPES))
+    if unknown:
+        raise MedclfError(f"unknown setting(s) in config: {', '.join(unknown)}")
+
+
+def check_setting(name: str, value: Any) -> Any:
+    """`value` if it suits setting `name` (its annotated type, choices and range), a path as text; else MedclfError."""
+    allowed = _FIELD_TYPES[name]
+    if str in allowed and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not any(_is_a(value, t) for t in allowed):
+        expected = " or ".join(TYPE_WORDS[t] for t in allowed)
+        raise MedclfError(f"{setting_label(name)} must be {expected} (got {_shown(value)})")
+    if value is None:
+        return value
+    if name in CHOICES and value not in CHOICES[name]:
+        raise MedclfError(f"{setting_label(name)} must be one of {', '.join(map(str, CHOICES[name]))} "
+                          f"(got {_shown(value)})")
+    if name in RANGES and value not in RANGES[name]:
+        raise MedclfError(f"{setting_label(name)} must be {RANGES[name]} (got {_shown(value)})")
+    return value
+
+
+def check_settings(**values: Any) -> None:
+    """The rules of `TrainConfig.validate` for settings given one by one (None: unset), e.g. plan's flags."""
+    reject_unknown(values)
+    for name, value in values.items():
+        if value is not None:
+            check_setting(name, value)
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    """isinstance for the annotation's types; True and False are no numbers here, NumPy scalars are."""
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    if kind is float:
+        return isinstance(value, numbers.Real)
+    return isinstance(value, kind)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    name: get_args(hint) or (hint,) for name, hint in get_type_hints(TrainConfig).items()
+}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that 1e-3 is a number (YAML 1.1 wants 1.0e-3) as users expect."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 def save_yaml(data: dict[str, Any], path: str | Path) -> None:
@@ -102,7 +212,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MedclfError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
+    except UnicodeDecodeError:
+        raise MedclfError(f"cannot parse {path}: not a YAML text file (it is not UTF-8 text)") from None
     except yaml.YAMLError as exc:
         raise MedclfError(f"cannot parse {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -114,4 +226,5 @@ def config_field_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
 
-__all__ = ["TrainConfig", "CHOICES", "save_yaml", "load_yaml", "config_field_names"]
+__all__ = ["TrainConfig", "CHOICES", "RANGES", "Interval", "check_setting", "check_settings", "setting_label",
+           "save_yaml", "load_yaml", "config_field_names"]

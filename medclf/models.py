@@ -6,13 +6,19 @@ loads into the torchvision model with the same stem and channel count (`build_mo
 """
 from __future__ import annotations
 
+import math
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torchvision
 from torch import nn
 
+from .config import RANGES, check_setting
 from .errors import MedclfError
 
 FORMAT = "medclf-model/1"
@@ -123,22 +129,151 @@ def resolve_model_path(run_or_model: str | Path) -> Path:
 
 
 def read_checkpoint(run_or_model: str | Path) -> dict[str, Any]:
+    """A medclf checkpoint (model.pt or last.pt), loaded with weights_only=True and checked against the schema."""
     path = resolve_model_path(run_or_model)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise MedclfError(f"cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise MedclfError(f"{path} is not a medclf model (no '{FORMAT}' format tag)")
+    ckpt = _torch_load(path)
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise MedclfError(f"{path}: {problem}")
     return ckpt
+
+
+def read_resume_state(path: str | Path) -> dict[str, Any]:
+    """last.pt: a checkpoint plus the optimizer, scheduler, history and generator state to continue from."""
+    state = read_checkpoint(path)
+    for key, (fits, expected) in RESUME_SCHEMA.items():
+        if key not in state:
+            raise MedclfError(f"{path}: not a resume state (no {key!r})")
+        if not fits(state[key]):
+            raise MedclfError(f"{path}: {key!r} must be {expected} (got {_shown(state[key])})")
+    return state
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        with warnings.catch_warnings():  # a damaged file also warns (e.g. of an odd pickle protocol): one line is enough
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refused a global it does not allow: the file holds objects a plain checkpoint never
+        # does, and loading it any other way would run code from it
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\.\s|\.?$)", str(exc), re.M)
+        reason = detail.group(1)[:120] if detail else str(exc).strip().split("\n")[0][:120]
+        raise MedclfError(f"{path}: refused to load ({reason}); a medclf checkpoint holds only tensors and "
+                          f"plain values, and medclf never unpickles anything else") from None
+    except Exception as exc:  # noqa: BLE001 - only torch.load runs here; damaged bytes surface as any of a dozen
+        # exception types (RuntimeError, EOFError, KeyError, IndexError, TypeError, AssertionError, ...)
+        first = str(exc).strip().split("\n")[0][:200]
+        raise MedclfError(f"cannot load {path}: not a PyTorch checkpoint or a damaged one "
+                          f"({type(exc).__name__}{': ' + first if first else ''})") from None
+
+
+def checkpoint_problem(ckpt: Any) -> str | None:
+    """What is wrong with a loaded checkpoint, in a few words (None: it is a usable medclf model).
+
+    One schema for every loader (evaluate, predict, explain, report, plan and train --weights/--resume):
+    the keys and value types, and that the state dict is the one the spec describes, head size included."""
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        return f"not a medclf model (no '{FORMAT}' format tag)"
+    for key, (required, fits, expected) in CHECKPOINT_SCHEMA.items():
+        if key not in ckpt:
+            if required:
+                return f"no {key!r}: not a complete medclf model"
+            continue
+        if not fits(ckpt[key]):
+            return f"{key!r} must be {expected} (got {_shown(ckpt[key])})"
+    return _consistency_problem(ckpt) or _state_dict_problem(ckpt)
+
+
+def _consistency_problem(ckpt: dict[str, Any]) -> str | None:
+    k = len(ckpt["classes"])
+    if ckpt["num_classes"] != k:
+        return f"'num_classes' is {ckpt['num_classes']} but 'classes' lists {k} names"
+    for key in ("mean", "std"):
+        if len(ckpt[key]) != ckpt["in_chans"]:
+            return f"{key!r} has {len(ckpt[key])} value(s) for {ckpt['in_chans']} channel(s)"
+    for name in ("seed", "val_fraction", "test_fraction"):  # evaluate and report rebuild the run's splits from them
+        if name in ckpt.get("config", {}):
+            try:
+                check_setting(name, ckpt["config"][name])
+            except MedclfError as exc:
+                return f"'config': {exc}"
+    return None
+
+
+def _state_dict_problem(ckpt: dict[str, Any]) -> str | None:
+    state, k = ckpt["state_dict"], len(ckpt["classes"])
+    head = state.get("fc.weight")
+    if head is None or head.ndim != 2:
+        return "'state_dict' has no classifier head ('fc.weight')"
+    if head.shape[0] != k:
+        return f"'classes' lists {k} names but the head ('fc.weight' in 'state_dict') has {head.shape[0]} outputs"
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        expected = build_model(ckpt["arch"], k, ckpt["in_chans"], ckpt["stem"]).state_dict()
+    wrong = [key for key, value in expected.items() if key not in state or state[key].shape != value.shape]
+    wrong += [key for key in state if key not in expected]
+    if wrong:
+        return (f"'state_dict' does not match a {ckpt['arch']} with a {ckpt['stem']} stem and {ckpt['in_chans']} "
+                f"channel(s): {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _is_class_list(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) > 0 and all(isinstance(c, str) and c for c in value)
+            and len(set(value)) == len(value))
+
+
+def _is_numbers(value: Any, positive: bool = False) -> bool:
+    return (isinstance(value, list) and len(value) > 0 and all(_is_number(v) for v in value)
+            and (not positive or all(v > 0 for v in value)))
+
+
+def _is_tensor_mapping(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _shown(value: Any) -> str:
+    text = type(value).__name__ if isinstance(value, (Mapping, torch.Tensor)) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# key: (required, check, what it must be)
+CHECKPOINT_SCHEMA: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
+    "arch": (True, lambda v: isinstance(v, str) and v in REGISTRY, f"one of {', '.join(REGISTRY)}"),
+    "classes": (True, _is_class_list, "a non-empty list of distinct class names"),
+    "num_classes": (True, _is_int, "an integer"),
+    "in_chans": (True, lambda v: _is_int(v) and v in (1, 3), "1 or 3"),
+    "stem": (True, lambda v: isinstance(v, str) and v in ("small", "imagenet"), "small or imagenet"),
+    "input_size": (True, lambda v: _is_int(v) and v in RANGES["size"], f"an integer {RANGES['size']} (pixels)"),
+    "store_size": (False, lambda v: _is_int(v) and v in RANGES["size"], f"an integer {RANGES['size']} (pixels)"),
+    "mean": (True, _is_numbers, "a list of numbers, one per channel"),
+    "std": (True, lambda v: _is_numbers(v, positive=True), "a list of positive numbers, one per channel"),
+    "crop": (False, lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "threshold": (False, lambda v: v is None or (_is_number(v) and 0 <= v <= 1), "a number in [0, 1]"),
+    "config": (False, lambda v: isinstance(v, dict), "a mapping of settings"),
+    "state_dict": (True, _is_tensor_mapping, "a mapping of parameter names to tensors"),
+}
+RESUME_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "optimizer": (lambda v: isinstance(v, dict), "a mapping"),
+    "scheduler": (lambda v: isinstance(v, dict), "a mapping"),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(row, dict) for row in v), "a list of rows"),
+    "best": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "epoch": (lambda v: _is_int(v) and v >= 0, "an epoch count"),
+    "generator": (lambda v: isinstance(v, torch.Tensor), "a tensor"),
+}
 
 
 def load_model(run_or_model: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The trained model (eval mode, CPU, fp32) and its checkpoint dict."""
-    ckpt = read_checkpoint(run_or_model)
+    ckpt = read_checkpoint(run_or_model)  # the schema check makes the state dict fit the model built here
     model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_chans"], ckpt["stem"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
-        raise MedclfError(f"checkpoint does not match its architecture: {str(exc).splitlines()[0]}") from None
+    model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import models, runtime
-from .config import TrainConfig, save_yaml
+from .config import TrainConfig, check_settings, save_yaml
 from .data import sources
 from .data.augment import PRESETS, prepare_batch
 from .data.store import native_size, probe_channels
@@ -353,6 +353,7 @@ def format_plan(plan: dict[str, Any], fp: dict[str, Any]) -> str:
 def plan(data: str, time_budget: float | None = None, out: str | None = None, weights: str = "none",
          device: str = "auto", seed: int = 0, do_probe: bool = True, verbose: bool = True, **fixed: Any) -> dict[str, Any]:
     """Fingerprint DATA and plan its training; `out` saves the plan as YAML. Same as `medclf plan`."""
+    check_settings(time_budget=time_budget, seed=seed, **fixed)
     source = sources.open_source(data, seed=seed)
     if "train" not in source.splits:
         raise MedclfError(f"{data} has no train split")

@@ -400,7 +400,7 @@ def _resolve_config(config, resume: str | None, overrides: dict) -> tuple[TrainC
         if not (run / "last.pt").is_file():
             raise MedclfError(f"cannot resume {run}: no last.pt there")
         values.update(load_yaml(run / "config.yaml"))
-        state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+        state = models.read_resume_state(run / "last.pt")
         # the resolved config names the picked device/precision; re-pick them on this machine
         values.update({"device": "auto", "precision": "auto", "channels_last": None})
         explicit |= set(values)

@@ -101,3 +101,55 @@ def test_mismatched_checkpoint(tmp_path):
     torch.save(models.checkpoint_dict(model, spec), tmp_path / "model.pt")
     with pytest.raises(MedclfError, match="does not match"):
         models.load_model(tmp_path / "model.pt")
+
+
+# ---- the checkpoint schema (issue #14): any damage is one MedclfError line, anything accepted loads ----
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint():
+    model = models.build_model("resnet18", 2, 1, "small")
+    return models.checkpoint_dict(model, models.model_spec("resnet18", ["a", "b"], 1, "small", 12, [0.5], [0.5]))
+
+
+ODD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=4),
+                       st.lists(st.one_of(st.text(max_size=3), st.floats(0, 1), st.integers(0, 3)), max_size=4),
+                       st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@given(key=st.sampled_from(list(models.CHECKPOINT_SCHEMA) + ["format"]), value=ODD_VALUES, drop=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_damaged_checkpoint_is_named_or_loads(good_checkpoint, key, value, drop):
+    ckpt = dict(good_checkpoint)
+    if drop:
+        ckpt.pop(key, None)
+    else:
+        ckpt[key] = value
+    problem = models.checkpoint_problem(ckpt)
+    if problem is None:  # accepted: it must build, load strictly and answer one probability per class
+        model = models.build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_chans"], ckpt["stem"])
+        model.load_state_dict(ckpt["state_dict"])
+        assert model.eval()(torch.zeros(1, ckpt["in_chans"], 12, 12)).shape == (1, len(ckpt["classes"]))
+    else:
+        assert "\n" not in problem and (key in problem or "format" in problem or "fc.weight" in problem)
+
+
+@given(cuts=st.lists(st.integers(0, 10**6), min_size=1, max_size=8), byte=st.integers(0, 255),
+       keep=st.floats(0, 1))
+@settings(max_examples=40, deadline=None)
+def test_damaged_file_is_one_line(tmp_path_factory, cuts, byte, keep):
+    """Flipped bytes or a cut-off file: a checkpoint that passes the schema, or one MedclfError line."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"format": models.FORMAT, "classes": ["a"], "w": torch.arange(4.0)}, buffer)
+    data = bytearray(buffer.getvalue())
+    for cut in cuts:
+        data[cut % len(data)] = byte
+    path = tmp_path_factory.mktemp("damaged") / "model.pt"
+    path.write_bytes(bytes(data[: max(0, int(len(data) * keep))]))
+    with pytest.raises(MedclfError) as error:
+        models.read_checkpoint(path)  # never a complete model: the file lacks most of the schema
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
