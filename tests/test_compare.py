@@ -10,7 +10,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from medclf import metrics as M
-from medclf import models, scoring
+from medclf import models
 from medclf.cli import main
 from medclf.compare import fixed_splits, pair_tests, resolve_arms, summary_text
 from medclf.data import sources
@@ -82,8 +82,8 @@ def test_fast_metrics_equal_scikit_learn(k, absent):
     p = rng.dirichlet(np.ones(k), size=80)
     p[:5] = p[5]  # ties
     classes = [f"c{i}" for i in range(k)]
-    reference = scoring.metric_values(M.classification_metrics(y, p, classes), classes)
-    for name, f in scoring.metric_functions(classes).items():
+    reference = M.metric_values(M.classification_metrics(y, p, classes), classes)
+    for name, f in M.metric_functions(classes).items():
         if name == f"recall_c{absent}":
             assert np.isnan(f(y, p))  # undefined without positives (scikit-learn reports 0)
             continue
@@ -249,7 +249,7 @@ def test_rerun_reuses_finished_runs(compared, capsys):
 
 def test_comparison_page_for_three_classes_and_three_arms(tmp_path):
     """The page alone, from synthetic predictions: micro-averaged ROC, a confusion matrix per arm, pairwise table."""
-    from medclf.compare_html import write_comparison_html
+    from medclf.reporting.comparison import write_comparison_html
     from medclf.metrics import json_safe
     from medclf.stats import mean_std
 
@@ -262,7 +262,7 @@ def test_comparison_page_for_three_classes_and_three_arms(tmp_path):
         run_dirs[arm] = [tmp_path / f"{arm}-seed0"]
         run_dirs[arm][0].mkdir()
         (run_dirs[arm][0] / "history.csv").write_text("epoch,val_loss,val_auc,val_accuracy\n1,0.9,0.7,0.6\n2,0.8,0.8,0.7\n")
-        values = {name: f(y, p) for name, f in scoring.metric_functions(classes).items()}
+        values = {name: f(y, p) for name, f in M.metric_functions(classes).items()}
         arms[arm] = {"runs": [{"seed": 0, "dir": str(run_dirs[arm][0])}],
                      "metrics": {name: mean_std([v]) for name, v in values.items()}, "flags": {"size": 28}}
     pairwise = [r for a, b in (("a", "b"), ("a", "c"), ("b", "c"))

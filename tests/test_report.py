@@ -21,7 +21,7 @@ def run_without_report(tmp_path_factory):
     """A run whose report failed during training: the run must survive, and `medclf report` make it."""
     import importlib
 
-    report_module = importlib.import_module("medclf.report")
+    report_module = importlib.import_module("medclf.reporting.run_report")
     base = tmp_path_factory.mktemp("report")
     data = make_split_folder(base / "xray")
     run = base / "run"
