@@ -18,7 +18,7 @@ from medclf.errors import MedclfError
 from medclf.stats import delong_auc_test, mcnemar_test
 
 from conftest import FAST_FLAGS, make_split_folder, write_class_folders
-from htmlcheck import CHROMIUM, assert_self_contained, check_numbers, parse, render
+from htmlcheck import CHROMIUM, assert_self_contained, check_numbers, injected, parse, render
 
 PAIR_KEYS = {"a", "b", "metric", "difference", "ci95", "p_value"}
 
@@ -69,7 +69,7 @@ def test_multiclass_auc_uses_the_paired_bootstrap():
     pa, pb = rng.dirichlet([1, 1, 1], size=60), rng.dirichlet([1, 1, 1], size=60)
     rows = {r["metric"]: r for r in pair_tests(y, pa, pb, ["x", "y", "z"], "a", "b", n_boot=200)}
     assert "bootstrap" in rows["auc"]["method"]
-    assert rows["auc"]["difference"] == pytest.approx(M.auc_score(y, pa) - M.auc_score(y, pb))
+    assert rows["auc"]["difference"] == pytest.approx(M.auc(y, pa) - M.auc(y, pb))
     assert rows["auc"]["ci95"][0] <= rows["auc"]["difference"] <= rows["auc"]["ci95"][1]
 
 
@@ -247,14 +247,13 @@ def test_rerun_reuses_finished_runs(compared, capsys):
     assert again["arms"]["none"]["metrics"] == result["arms"]["none"]["metrics"]
 
 
-def test_comparison_page_for_three_classes_and_three_arms(tmp_path):
-    """The page alone, from synthetic predictions: micro-averaged ROC, a confusion matrix per arm, pairwise table."""
-    from medclf.reporting.comparison import write_comparison_html
+def _synthetic_page(tmp_path, classes):
+    """The page alone, from synthetic predictions of three arms; (page path, comparison result)."""
     from medclf.metrics import json_safe
+    from medclf.reporting.comparison import write_comparison_html
     from medclf.stats import mean_std
 
     rng = np.random.default_rng(3)
-    classes = ["x", "y", "z"]
     y = np.arange(45) % 3
     pooled = {arm: _probs(y, 3, rng.random(45) < q) for arm, q in (("a", 0.1), ("b", 0.3), ("c", 0.5))}
     run_dirs, arms = {}, {}
@@ -269,8 +268,27 @@ def test_comparison_page_for_three_classes_and_three_arms(tmp_path):
                 for r in pair_tests(y, pooled[a], pooled[b], classes, a, b, n_boot=100)]
     result = json_safe({"arms": arms, "pairwise": pairwise, "split": "test", "n_images": 45, "classes": classes,
                         "seeds": [0], "data": "synthetic"})
-    page = write_comparison_html(tmp_path, result, run_dirs, y, pooled, classes)
+    return write_comparison_html(tmp_path, result, run_dirs, y, pooled, classes), result
+
+
+def test_comparison_page_for_three_classes_and_three_arms(tmp_path):
+    """Micro-averaged ROC, a confusion matrix per arm, the pairwise table."""
+    page, result = _synthetic_page(tmp_path, ["x", "y", "z"])
     text = page.read_text()
     assert_self_contained(text)
     assert check_numbers(text, result) >= 7 * 3 * 2 + 7 * 3 * 3
     assert text.count("<tr>") > 7 + 21 and "a − c" in text
+
+
+HOSTILE = ["<img src=x onerror=alert(1)>", "dose$\\foo$", "z"]
+
+
+def test_comparison_page_escapes_class_names(tmp_path):
+    page, _ = _synthetic_page(tmp_path, HOSTILE)
+    text = page.read_text()
+    assert injected(text) == [] and HOSTILE[0] not in text and "sensitivity (&lt;img src=x" in text
+    if CHROMIUM is not None:
+        dom, images = render(page, tmp_path)
+        assert [e for e in injected(dom) if e[0] != "script"] == [] and dom.count("<script") == 1
+        assert "sensitivity (&lt;img src=x onerror=alert(1)&gt;)" in dom and "sensitivity (dose$\\foo$)" in dom
+        assert len(images) == 3 and all(complete and w > 0 for complete, w, _ in images)

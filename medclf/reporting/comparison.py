@@ -73,7 +73,7 @@ def write_comparison_html(out: Path, result: dict, run_dirs: dict[str, list[Path
     roc = H.img(H.figure_uri(figures.arm_roc_figure(labels, pooled, classes, f"ROC ({result['split']})")),
                 "ROC curves", caption="Each arm's probabilities averaged over its seeds.")
     cms = {arm: confusion(labels, p.argmax(1), len(classes)) for arm, p in pooled.items()}
-    confusion = H.img(H.figure_uri(figures.confusion_grid_figure(cms, classes)), "confusion matrices",
+    confusions = H.img(H.figure_uri(figures.confusion_grid_figure(cms, classes)), "confusion matrices",
                       caption="Rows: true class; columns: predicted class of the seed-averaged probabilities.")
 
     run_rows = []
@@ -93,7 +93,7 @@ def write_comparison_html(out: Path, result: dict, run_dirs: dict[str, list[Path
         H.section("Summary", f'<p class="summary">{H.esc(summary_text(result))}</p><ul>{settings}</ul>{note}', "summary"),
         H.section("Results", main_table, "results"),
         H.section("Validation curves", curves, "curves"),
-        H.section(f"ROC curves and confusion matrices ({result['split']})", roc + confusion, "roc"),
+        H.section(f"ROC curves and confusion matrices ({result['split']})", roc + confusions, "roc"),
         H.section("All pairwise tests", pair_table, "pairwise"),
         H.section("Runs", runs_table, "runs"),
     ]
