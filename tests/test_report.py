@@ -207,3 +207,20 @@ def test_three_class_model_on_two_classes_agrees_everywhere(tmp_path):
     for name in ("auc", "f1_macro", "balanced_accuracy"):
         assert result["arms"]["a"]["metrics"][name]["values"] == [pytest.approx(saved["test"][name], abs=1e-6)]
         assert result["arms"]["a"]["pooled"][name] == pytest.approx(saved["test"][name], abs=1e-6)
+
+
+def test_a_figure_that_fails_costs_only_that_figure(tmp_path, monkeypatch):
+    from medclf.reporting import figures
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot draw")
+
+    monkeypatch.setattr(figures, "roc_figure", broken)
+    (tmp_path / "history.csv").write_text("epoch,train_loss,val_loss,val_accuracy\n1,0.7,0.6,0.5\n")
+    labels = np.array([0, 1, 0, 1])
+    probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.9, 0.1]])
+    problems = figures.save_run_plots(tmp_path, tmp_path / "history.csv", [[1, 1], [1, 1]], ["a", "b"],
+                                      labels, probs, split="test")
+    assert problems == ["roc.png not written (ValueError: cannot draw)"]
+    assert (tmp_path / "curves.png").is_file() and (tmp_path / "confusion_matrix.png").is_file()
+    assert not (tmp_path / "roc.png").exists()

@@ -51,13 +51,15 @@ def read_history(path: Path) -> dict[str, list[float]]:
 def curves_figure(history: dict[str, list[float]], title: str = "") -> Figure:
     fig, (ax_loss, ax_metric) = new_figure((10, 4), 1, 2)
     epochs = history.get("epoch", [])
-    ax_loss.plot(epochs, history.get("train_loss", []), "o-", label="train loss")
-    ax_loss.plot(epochs, history.get("val_loss", []), "o-", label="val loss")
+    for key in ("train_loss", "val_loss"):
+        if key in history:  # a history from an older or partial run may lack a column
+            ax_loss.plot(epochs, history[key], "o-", label=key.replace("_", " "))
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.legend()
     for key in ("val_accuracy", "val_auc", "val_f1_macro"):
-        ax_metric.plot(epochs, history.get(key, []), "o-", label=key.removeprefix("val_"))
+        if key in history:
+            ax_metric.plot(epochs, history[key], "o-", label=key.removeprefix("val_"))
     ax_metric.set_xlabel("epoch")
     ax_metric.set_ylabel("validation metric")
     ax_metric.legend()
