@@ -41,13 +41,13 @@ INFER_SNIPPET = """
 import sys, time, json
 t0 = time.perf_counter()
 import torch
-from medclf.evaluate import _load_for_inference, _split_store, predict_store
+from medclf.inference import load_for_inference, split_store
 run, data, passes = sys.argv[1], sys.argv[2], int(sys.argv[3])
-model, ckpt, dev, prec, cl = _load_for_inference(run, "auto", "auto")
+loaded = load_for_inference(run, "auto", "auto")
 t1 = time.perf_counter()
-store, _ = _split_store(ckpt, data, "val", False, False)   # decode once, no cache: counted here
+store, _ = split_store(loaded.ckpt, data, "val", False, False)   # decode once, no cache: counted here
 for _ in range(passes):
-    predict_store(model, store, ckpt, dev, prec, cl)
+    loaded.predict(store)
 t2 = time.perf_counter()
 print(json.dumps({"images": passes * len(store), "infer_seconds": t2 - t1,
                   "images_per_s": passes * len(store) / (t2 - t1)}))

@@ -5,7 +5,7 @@ from .errors import MedclfError
 from .evaluate import evaluate, predict
 from .explain import explain
 from .plan import plan
-from .report import report
+from .reporting.run_report import report
 from .train import train
 
 __version__ = "0.1.0"

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from . import scoring
-from .compare_html import write_comparison_html
+from . import metrics
 from .config import TrainConfig, load_yaml
 from .data import sources
 from .errors import MedclfError
-from .evaluate import _load_for_inference, _split_store, predict_store
+from .inference import load_for_inference, split_store
 from .metrics import evaluate_predictions, json_safe
+from .reporting.comparison import summary_text, write_comparison_html
 from .stats import delong_auc_test, mcnemar_test, mean_std, paired_bootstrap_diff
 from .train import train
 
@@ -203,21 +203,22 @@ def evaluate_arms(data: str, run_dirs: dict[str, list[Path]], arm_flags: dict, s
     for arm, dirs in run_dirs.items():
         runs, per_metric, arm_probs = [], {}, []
         for seed, run_dir in zip(seed_list, dirs):
-            model, ckpt, dev, prec, cl = _load_for_inference(str(run_dir), device, common.get("precision", "auto"))
-            store, _ = _split_store(ckpt, data, split, bool(common.get("skip_bad")), bool(common.get("cache", True)))
+            loaded = load_for_inference(run_dir, device, common.get("precision", "auto"))
+            ckpt = loaded.ckpt
+            store, _ = split_store(ckpt, data, split, bool(common.get("skip_bad")), bool(common.get("cache", True)))
             tta = bool(load_yaml(run_dir / "config.yaml").get("tta"))
-            probs = predict_store(model, store, ckpt, dev, prec, cl, tta=tta, desc=f"{arm} seed {seed}")
+            probs = loaded.predict(store, tta=tta, desc=f"{arm} seed {seed}")
             if ids is None:
                 ids, labels, classes = list(store.ids), store.labels.numpy(), list(ckpt["classes"])
             elif list(store.ids) != ids or list(ckpt["classes"]) != classes:
                 raise MedclfError(f"{run_dir} was not evaluated on the same images or classes as the other runs")
-            metrics = evaluate_predictions(labels, probs, classes, ckpt.get("threshold"))
-            for name, value in scoring.metric_values(metrics, classes).items():
+            run_metrics = evaluate_predictions(labels, probs, classes, ckpt.get("threshold"))
+            for name, value in metrics.metric_values(run_metrics, classes).items():
                 per_metric.setdefault(name, []).append(np.nan if value is None else value)
             runs.append({"seed": seed, "dir": str(run_dir)})
             arm_probs.append(probs)
         pooled[arm] = np.mean(arm_probs, axis=0)
-        funcs = scoring.metric_functions(classes)
+        funcs = metrics.metric_functions(classes)
         arms[arm] = {"runs": runs, "metrics": {m: mean_std(v) for m, v in per_metric.items()},
                      "flags": arm_flags[arm],
                      "pooled": {m: f(labels, pooled[arm]) for m, f in funcs.items()}}
@@ -237,7 +238,7 @@ def pair_tests(y: np.ndarray, pa: np.ndarray, pb: np.ndarray, classes: list[str]
     pooled = (f"; each arm's per-image probabilities averaged over its {n_seeds} seeds" if n_seeds > 1 else "")
     boot = f"paired bootstrap over images ({n_boot} resamples)"
     rows = []
-    for metric, f in scoring.metric_functions(classes).items():
+    for metric, f in metrics.metric_functions(classes).items():
         row = {"a": a, "b": b, "metric": metric}
         if metric == "auc" and len(classes) == 2 and len(np.unique(y)) == 2:
             diff, p, ci = delong_auc_test(y, pa[:, 1], pb[:, 1])
@@ -252,49 +253,3 @@ def pair_tests(y: np.ndarray, pa: np.ndarray, pb: np.ndarray, classes: list[str]
                     "a_value": f(y, pa), "b_value": f(y, pb), "method": method + pooled})
         rows.append(row)
     return rows
-
-
-LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auc": "ROC AUC", "f1_macro": "macro F1"}
-
-
-def metric_label(metric: str) -> str:
-    return LABELS.get(metric) or f"sensitivity ({metric.removeprefix('recall_')})"
-
-
-def summary_text(result: dict) -> str:
-    """One plain-language paragraph from the numbers."""
-    arms = result["arms"]
-    primary = "auc" if all(v["metrics"]["auc"]["mean"] is not None for v in arms.values()) else "accuracy"
-    order = sorted(arms, key=lambda a: -(arms[a]["metrics"][primary]["mean"] or -1))
-    best = order[0]
-    n_seeds = len(result["seeds"])
-
-    def ms(arm: str, metric: str) -> str:
-        m = arms[arm]["metrics"][metric]
-        return "—" if m["mean"] is None else f"{m['mean']:.3f} ± {m['std']:.3f}"
-
-    text = (f"On the {result['split']} split ({result['n_images']} images, {len(result['classes'])} classes) "
-            f"{len(arms)} settings were trained with {n_seeds} seed{'s' if n_seeds > 1 else ''} each. "
-            f"{best} reached the highest mean {metric_label(primary)} ({ms(best, primary)}), against "
-            + ", ".join(f"{a} ({ms(a, primary)})" for a in order[1:]) + ". ")
-    significant = 0
-    for other in order[1:]:
-        for metric in (primary, "accuracy") if primary != "accuracy" else ("accuracy",):
-            row = next(r for r in result["pairwise"] if r["metric"] == metric and {r["a"], r["b"]} == {best, other})
-            sign = 1 if row["a"] == best else -1
-            if row["difference"] is None or row["p_value"] is None:
-                continue
-            lo, hi = row["ci95"] if sign == 1 else [None if v is None else -v for v in row["ci95"][::-1]]
-            test = "DeLong" if row["method"].startswith("DeLong") else "McNemar" if "McNemar" in row["method"] else "bootstrap"
-            p = row["p_value"]
-            verdict = "a statistically significant difference" if p < 0.05 else "not a statistically significant difference"
-            significant += p < 0.05
-            ci_text = f"95% CI {lo:+.3f} to {hi:+.3f}, " if lo is not None and hi is not None else ""
-            text += (f"Pooling each arm's seeds, {best} minus {other} in {metric_label(metric)} is "
-                     f"{sign * row['difference']:+.3f} ({ci_text}{test} p = {p:.3g}): {verdict}. ")
-    text += ("Significance means p < 0.05 without correction for the number of comparisons. "
-             if significant else "On these images the data cannot tell the settings apart with confidence. ")
-    if result["n_images"] < 200 or n_seeds < 3:
-        text += (f"With {result['n_images']} {result['split']} images and {n_seeds} seed(s) per setting, differences of a few "
-                 "points are within the noise; more images or seeds narrow the intervals.")
-    return text.strip()

@@ -124,17 +124,6 @@ def save_overlay(path: str | Path, image: np.ndarray, cam: np.ndarray, title: st
     if title is None:
         Image.fromarray(blend).save(path, format="PNG")
         return
-    # Figure + Agg canvas directly: no pyplot global state, no display backend needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from .reporting.figures import overlay_figure, save_png  # class names in the title are drawn literally
 
-    fig = Figure(figsize=(6.0, 3.3), dpi=100)
-    FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
-    left.imshow(_to_rgb(image))
-    right.imshow(blend)
-    for ax, name in ((left, "image"), (right, "Grad-CAM")):
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.savefig(path, format="png")
+    save_png(overlay_figure(_to_rgb(image), blend, title), path, dpi=100)

@@ -1,75 +1,165 @@
-"""Classification metrics (scikit-learn), the validation-chosen threshold, and their JSON form."""
+"""Classification metrics: the one implementation behind metrics.json, history.csv, the report and compare.
+
+Every metric takes (labels N, probabilities N×K over the model's K classes); the decision is the most
+probable class. They are NumPy on the confusion matrix, fast enough for thousands of bootstrap
+resamples, and tested equal to scikit-learn. Classes the model knows but the images lack:
+
+- macro F1, precision and recall average over the classes that occur in the labels OR the
+  predictions (scikit-learn's default), so predicting a class that is absent is penalised;
+- balanced accuracy is the mean recall over the classes present in the labels
+  (`sklearn.metrics.balanced_accuracy_score`);
+- ROC AUC is the one-vs-rest macro average over the model's classes present in the labels, each
+  class scored by its own probability; binary models: the AUC of P(class 1). Defined when at
+  least two classes occur, NaN (null in JSON) otherwise;
+- per class, recall (sensitivity) of a class without images is NaN; precision of a class never
+  predicted and F1 where precision and recall are both zero are 0 (scikit-learn's zero_division=0).
+"""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
-
-def _skm():
-    """scikit-learn's metrics, imported on first use (about a second of start-up saved before training)."""
-    from sklearn import metrics
-
-    return metrics
+Metric = Callable[[np.ndarray, np.ndarray], float]
+HEADLINE = ("accuracy", "balanced_accuracy", "auc", "f1_macro")
+PAIR_COUNT_LIMIT = 40_000  # below this many positive×negative pairs, counting them beats ranking
 
 
-def auc_score(y_true: np.ndarray, probs: np.ndarray) -> float:
-    """ROC AUC: binary on the positive class, one-vs-rest macro for more classes; nan if undefined."""
-    skm = _skm()
-    k = probs.shape[1]
-    present = np.unique(y_true)
+def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """K×K counts: rows are the true class, columns the predicted class."""
+    return np.bincount(np.asarray(y) * k + np.asarray(pred), minlength=k * k).reshape(k, k)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray, undefined: float) -> np.ndarray:
+    return np.where(den > 0, num / np.maximum(den, 1), undefined)
+
+
+def class_rates(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class precision, recall, F1, specificity and support from a confusion matrix."""
+    tp, actual, predicted, total = np.diag(cm), cm.sum(1), cm.sum(0), cm.sum()
+    negatives = total - actual
+    return {"precision": _ratio(tp, predicted, 0.0), "recall": _ratio(tp, actual, np.nan),
+            "f1": _ratio(2 * tp, actual + predicted, 0.0),
+            "specificity": _ratio(negatives - (predicted - tp), negatives, np.nan), "support": actual}
+
+
+def _macro(cm: np.ndarray, rate: str) -> float:
+    """Mean of a per-class rate over the classes in the labels or the predictions."""
+    used = (cm.sum(1) > 0) | (cm.sum(0) > 0)
+    values = np.nan_to_num(class_rates(cm)[rate])  # a predicted class without images has recall 0 here
+    return float(values[used].mean()) if used.any() else float("nan")
+
+
+def _balanced_accuracy(cm: np.ndarray) -> float:
+    present = cm.sum(1) > 0
+    return float(class_rates(cm)["recall"][present].mean()) if present.any() else float("nan")
+
+
+def _cm(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    return confusion(y, probs.argmax(1), probs.shape[1])
+
+
+def accuracy(y: np.ndarray, probs: np.ndarray) -> float:
+    return float(np.mean(probs.argmax(1) == y)) if len(y) else float("nan")
+
+
+def balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
+    return _balanced_accuracy(_cm(y, probs))
+
+
+def f1_macro(y: np.ndarray, probs: np.ndarray) -> float:
+    return _macro(_cm(y, probs), "f1")
+
+
+def binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC of `score` for the boolean `positive`; ties count one half. NaN without both outcomes."""
+    m = int(positive.sum())
+    n = len(positive) - m
+    if m == 0 or n == 0:
+        return float("nan")
+    if m * n <= PAIR_COUNT_LIMIT:
+        pos, neg = score[positive][:, None], score[~positive][None, :]
+        return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (m * n))
+    from scipy.stats import rankdata
+
+    ranks = rankdata(score)  # midranks: ties count one half, as in the ROC area
+    return float((ranks[positive].sum() - m * (m + 1) / 2) / (m * n))
+
+
+def auc(y: np.ndarray, probs: np.ndarray) -> float:
+    """One-vs-rest macro ROC AUC over the classes present in y (binary: the AUC of P(class 1))."""
+    y = np.asarray(y)
+    present = np.unique(y)
     if len(present) < 2:
         return float("nan")
-    try:
-        if k == 2:
-            return float(skm.roc_auc_score(y_true, probs[:, 1]))
-        if len(present) < k:  # OvR over the classes present in this split only
-            cols = probs[:, present] / probs[:, present].sum(1, keepdims=True)
-            return float(skm.roc_auc_score(y_true, cols, multi_class="ovr", average="macro", labels=present))
-        return float(skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro"))
-    except ValueError:
-        return float("nan")
+    if probs.shape[1] == 2:  # the AUCs of class 0 and class 1 are equal; class 1's is the one reported
+        return binary_auc(y == 1, probs[:, 1])
+    return float(np.mean([binary_auc(y == c, probs[:, c]) for c in present]))
+
+
+def recall_of(c: int) -> Metric:
+    """Recall (sensitivity) of class index c; NaN without images of c."""
+    def recall(y: np.ndarray, probs: np.ndarray) -> float:
+        positives = y == c
+        return float(np.mean(probs[positives].argmax(1) == c)) if positives.any() else float("nan")
+    return recall
+
+
+def specificity_of(c: int) -> Metric:
+    """Specificity of class index c (recall of "not c"); NaN without images of other classes."""
+    def specificity(y: np.ndarray, probs: np.ndarray) -> float:
+        negatives = y != c
+        return float(np.mean(probs[negatives].argmax(1) != c)) if negatives.any() else float("nan")
+    return specificity
+
+
+def metric_functions(classes: list[str]) -> dict[str, Metric]:
+    """The compared metrics by name: the headline four, then recall_<class> for every class."""
+    funcs: dict[str, Metric] = {"accuracy": accuracy, "balanced_accuracy": balanced_accuracy, "auc": auc,
+                                "f1_macro": f1_macro}
+    funcs.update({f"recall_{name}": recall_of(i) for i, name in enumerate(classes)})
+    return funcs
+
+
+def metric_values(metrics: dict, classes: list[str]) -> dict[str, float | None]:
+    """The same names read from a metrics.json split entry."""
+    values = {name: metrics[name] for name in HEADLINE}
+    values.update({f"recall_{name}": metrics["per_class"][name]["recall"] for name in classes})
+    return values
 
 
 def youden_threshold(y_true: np.ndarray, positive_prob: np.ndarray) -> float:
     """The probability threshold maximising sensitivity + specificity − 1 (Youden's J)."""
-    skm = _skm()
+    from sklearn.metrics import roc_curve  # imported on first use: slow to import
+
     if len(np.unique(y_true)) < 2:
         return 0.5
-    fpr, tpr, thresholds = skm.roc_curve(y_true, positive_prob)
+    fpr, tpr, thresholds = roc_curve(y_true, positive_prob)
     best = int(np.argmax(tpr - fpr))
     return float(min(max(thresholds[best], 0.0), 1.0))
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
                            predictions: np.ndarray | None = None) -> dict:
-    """Accuracy, balanced accuracy, AUC, macro F1, per-class precision/recall/specificity/F1, confusion matrix."""
-    skm = _skm()
+    """Accuracy, balanced accuracy, AUC, macro F1/precision/recall, per-class rates, confusion matrix.
+
+    `predictions` replaces the arg-max decision (e.g. a threshold); AUC always uses `probs`."""
     y_true = np.asarray(y_true)
     pred = probs.argmax(1) if predictions is None else np.asarray(predictions)
-    labels = np.arange(len(classes))
-    cm = skm.confusion_matrix(y_true, pred, labels=labels)
-    precision, recall, f1, support = skm.precision_recall_fscore_support(
-        y_true, pred, labels=labels, zero_division=0)
-    total = cm.sum()
-    per_class = {}
-    for i, name in enumerate(classes):
-        tn = total - cm[i, :].sum() - cm[:, i].sum() + cm[i, i]
-        negatives = total - cm[i, :].sum()
-        per_class[name] = {
-            "precision": float(precision[i]), "recall": float(recall[i]),
-            "specificity": float(tn / negatives) if negatives else float("nan"),
-            "f1": float(f1[i]), "support": int(support[i]),
-        }
-    present = support > 0
+    cm = confusion(y_true, pred, len(classes))
+    rates = class_rates(cm)
+    per_class = {name: {"precision": float(rates["precision"][i]), "recall": float(rates["recall"][i]),
+                        "specificity": float(rates["specificity"][i]), "f1": float(rates["f1"][i]),
+                        "support": int(rates["support"][i])} for i, name in enumerate(classes)}
     return {
         "n": int(len(y_true)),
-        "accuracy": float(skm.accuracy_score(y_true, pred)),
-        "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
-        "auc": auc_score(y_true, probs),
-        "f1_macro": float(f1[present].mean()) if present.any() else float("nan"),
-        "precision_macro": float(precision[present].mean()) if present.any() else float("nan"),
-        "recall_macro": float(recall[present].mean()) if present.any() else float("nan"),
+        "accuracy": float(np.mean(pred == y_true)) if len(y_true) else float("nan"),
+        "balanced_accuracy": _balanced_accuracy(cm),
+        "auc": auc(y_true, probs),
+        "f1_macro": _macro(cm, "f1"),
+        "precision_macro": _macro(cm, "precision"),
+        "recall_macro": _macro(cm, "recall"),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
     }

@@ -22,7 +22,8 @@ from .data import sources, splits
 from .data.augment import PRESETS, prepare_batch
 from .data.store import Store, build_store, native_size, probe_channels
 from .errors import MedclfError
-from .evaluate import choose_threshold, predict_store
+from .evaluate import choose_threshold
+from .inference import predict_store
 from .metrics import evaluate_predictions, json_safe
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_auc",
@@ -334,21 +335,12 @@ def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig
     import json
 
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    shown = "test" if "test" in results else "val"
-    from . import plots  # matplotlib: imported once training is done
-
-    plots.save_run_plots(out, out / "history.csv", results[shown]["confusion_matrix"], spec["classes"],
-                         *curves[shown], split=shown)
     summary = ", ".join(f"{s} acc {r['accuracy']:.4f} auc {r['auc'] if r['auc'] is None else round(r['auc'], 4)}"
                         for s, r in results.items())
     print(f"{summary} → {out}")
-    try:  # report.html is a bonus: a failure there never loses the run
-        from .report import report
+    from .reporting import run_report  # matplotlib: imported once training is done
 
-        report(out, stores=stores, predictions={s: p for s, (_, p) in curves.items()}, device=str(device))
-    except Exception as exc:  # noqa: BLE001
-        print(f"medclf: warning: report.html not written ({type(exc).__name__}: {str(exc)[:300]}); "
-              f"retry with `medclf report {out}`")
+    run_report.write_run_outputs(out, results, curves, spec["classes"], stores, str(device))
     return results
 
 

@@ -8,7 +8,7 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
-from medclf.htmlpage import fmt
+from medclf.reporting.html import fmt
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
@@ -87,3 +87,23 @@ def render(page: Path, tmp: Path) -> tuple[str, list]:
     probe = parse(dom).attrs.get("data-probe")
     assert probe, "the page's load event never fired"
     return dom, json.loads(probe)
+
+
+class _Elements(HTMLParser):
+    """Every element's tag and attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = []
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs)))
+
+
+def injected(text: str) -> list:
+    """Elements a page should never contain: scripts, event-handler attributes, images not inlined."""
+    parser = _Elements()
+    parser.feed(text)
+    return [(tag, attrs) for tag, attrs in parser.elements
+            if tag == "script" or any(name.startswith("on") for name in attrs)
+            or (tag == "img" and not attrs.get("src", "").startswith("data:image/png;base64,"))]

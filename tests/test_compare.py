@@ -10,7 +10,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from medclf import metrics as M
-from medclf import models, scoring
+from medclf import models
 from medclf.cli import main
 from medclf.compare import fixed_splits, pair_tests, resolve_arms, summary_text
 from medclf.data import sources
@@ -18,7 +18,7 @@ from medclf.errors import MedclfError
 from medclf.stats import delong_auc_test, mcnemar_test
 
 from conftest import FAST_FLAGS, make_split_folder, write_class_folders
-from htmlcheck import CHROMIUM, assert_self_contained, check_numbers, parse, render
+from htmlcheck import CHROMIUM, assert_self_contained, check_numbers, injected, parse, render
 
 PAIR_KEYS = {"a", "b", "metric", "difference", "ci95", "p_value"}
 
@@ -69,7 +69,7 @@ def test_multiclass_auc_uses_the_paired_bootstrap():
     pa, pb = rng.dirichlet([1, 1, 1], size=60), rng.dirichlet([1, 1, 1], size=60)
     rows = {r["metric"]: r for r in pair_tests(y, pa, pb, ["x", "y", "z"], "a", "b", n_boot=200)}
     assert "bootstrap" in rows["auc"]["method"]
-    assert rows["auc"]["difference"] == pytest.approx(M.auc_score(y, pa) - M.auc_score(y, pb))
+    assert rows["auc"]["difference"] == pytest.approx(M.auc(y, pa) - M.auc(y, pb))
     assert rows["auc"]["ci95"][0] <= rows["auc"]["difference"] <= rows["auc"]["ci95"][1]
 
 
@@ -82,8 +82,8 @@ def test_fast_metrics_equal_scikit_learn(k, absent):
     p = rng.dirichlet(np.ones(k), size=80)
     p[:5] = p[5]  # ties
     classes = [f"c{i}" for i in range(k)]
-    reference = scoring.metric_values(M.classification_metrics(y, p, classes), classes)
-    for name, f in scoring.metric_functions(classes).items():
+    reference = M.metric_values(M.classification_metrics(y, p, classes), classes)
+    for name, f in M.metric_functions(classes).items():
         if name == f"recall_c{absent}":
             assert np.isnan(f(y, p))  # undefined without positives (scikit-learn reports 0)
             continue
@@ -247,14 +247,13 @@ def test_rerun_reuses_finished_runs(compared, capsys):
     assert again["arms"]["none"]["metrics"] == result["arms"]["none"]["metrics"]
 
 
-def test_comparison_page_for_three_classes_and_three_arms(tmp_path):
-    """The page alone, from synthetic predictions: micro-averaged ROC, a confusion matrix per arm, pairwise table."""
-    from medclf.compare_html import write_comparison_html
+def _synthetic_page(tmp_path, classes):
+    """The page alone, from synthetic predictions of three arms; (page path, comparison result)."""
     from medclf.metrics import json_safe
+    from medclf.reporting.comparison import write_comparison_html
     from medclf.stats import mean_std
 
     rng = np.random.default_rng(3)
-    classes = ["x", "y", "z"]
     y = np.arange(45) % 3
     pooled = {arm: _probs(y, 3, rng.random(45) < q) for arm, q in (("a", 0.1), ("b", 0.3), ("c", 0.5))}
     run_dirs, arms = {}, {}
@@ -262,15 +261,34 @@ def test_comparison_page_for_three_classes_and_three_arms(tmp_path):
         run_dirs[arm] = [tmp_path / f"{arm}-seed0"]
         run_dirs[arm][0].mkdir()
         (run_dirs[arm][0] / "history.csv").write_text("epoch,val_loss,val_auc,val_accuracy\n1,0.9,0.7,0.6\n2,0.8,0.8,0.7\n")
-        values = {name: f(y, p) for name, f in scoring.metric_functions(classes).items()}
+        values = {name: f(y, p) for name, f in M.metric_functions(classes).items()}
         arms[arm] = {"runs": [{"seed": 0, "dir": str(run_dirs[arm][0])}],
                      "metrics": {name: mean_std([v]) for name, v in values.items()}, "flags": {"size": 28}}
     pairwise = [r for a, b in (("a", "b"), ("a", "c"), ("b", "c"))
                 for r in pair_tests(y, pooled[a], pooled[b], classes, a, b, n_boot=100)]
     result = json_safe({"arms": arms, "pairwise": pairwise, "split": "test", "n_images": 45, "classes": classes,
                         "seeds": [0], "data": "synthetic"})
-    page = write_comparison_html(tmp_path, result, run_dirs, y, pooled, classes)
+    return write_comparison_html(tmp_path, result, run_dirs, y, pooled, classes), result
+
+
+def test_comparison_page_for_three_classes_and_three_arms(tmp_path):
+    """Micro-averaged ROC, a confusion matrix per arm, the pairwise table."""
+    page, result = _synthetic_page(tmp_path, ["x", "y", "z"])
     text = page.read_text()
     assert_self_contained(text)
     assert check_numbers(text, result) >= 7 * 3 * 2 + 7 * 3 * 3
     assert text.count("<tr>") > 7 + 21 and "a − c" in text
+
+
+HOSTILE = ["<img src=x onerror=alert(1)>", "dose$\\foo$", "z"]
+
+
+def test_comparison_page_escapes_class_names(tmp_path):
+    page, _ = _synthetic_page(tmp_path, HOSTILE)
+    text = page.read_text()
+    assert injected(text) == [] and HOSTILE[0] not in text and "sensitivity (&lt;img src=x" in text
+    if CHROMIUM is not None:
+        dom, images = render(page, tmp_path)
+        assert [e for e in injected(dom) if e[0] != "script"] == [] and dom.count("<script") == 1
+        assert "sensitivity (&lt;img src=x onerror=alert(1)&gt;)" in dom and "sensitivity (dose$\\foo$)" in dom
+        assert len(images) == 3 and all(complete and w > 0 for complete, w, _ in images)

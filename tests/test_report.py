@@ -1,6 +1,7 @@
 """report.html (written by train, re-made by `medclf report`) and `medclf explain` on tiny models."""
 import contextlib
 import csv
+import html
 import io
 import json
 
@@ -12,8 +13,8 @@ from PIL import Image
 from medclf import models
 from medclf.cli import main
 
-from conftest import FAST_FLAGS, make_split_folder, write_class_folders
-from htmlcheck import CHROMIUM, assert_self_contained, check_numbers, parse, render
+from conftest import FAST_FLAGS, make_image, make_split_folder, write_class_folders
+from htmlcheck import CHROMIUM, assert_self_contained, check_numbers, injected, parse, render
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def run_without_report(tmp_path_factory):
     """A run whose report failed during training: the run must survive, and `medclf report` make it."""
     import importlib
 
-    report_module = importlib.import_module("medclf.report")
+    report_module = importlib.import_module("medclf.reporting.run_report")
     base = tmp_path_factory.mktemp("report")
     data = make_split_folder(base / "xray")
     run = base / "run"
@@ -135,3 +136,91 @@ def test_train_writes_the_report_for_a_three_class_npz(npz_file, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert check_numbers(text, metrics) == 2 * (4 + 3 * 5)  # headline + 5 per class; no threshold with 3 classes
     assert "at threshold" not in text and "row " in text  # npz mistakes are named by their row
+
+
+HOSTILE = ("<img src=x onerror=alert(1)>", "dose$\\foo$")  # HTML injection; mathtext that matplotlib cannot parse
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    data = write_class_folders(root / "data", {name: 20 for name in HOSTILE})
+    run = root / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["train", str(data), *FAST_FLAGS, "--epochs", "1", "--out", str(run)]) == 0
+    return data, run, printed.getvalue()
+
+
+def test_class_names_from_data_never_break_a_run(hostile_run, tmp_path):
+    data, run, printed = hostile_run
+    assert "warning" not in printed
+    for name in ("metrics.json", "curves.png", "confusion_matrix.png", "roc.png", "report.html"):
+        assert (run / name).is_file(), name
+    assert set(json.loads((run / "metrics.json").read_text())["test"]["per_class"]) == set(HOSTILE)
+    image = next((data / HOSTILE[1]).glob("*.png"))
+    assert main(["explain", str(run), str(image), "--out", str(tmp_path / "cams")]) == 0  # the title names the class
+    assert list(csv.DictReader(open(tmp_path / "cams" / "explain.csv")))[0]["label"] == HOSTILE[1]
+
+
+def test_class_names_are_escaped_in_the_report(hostile_run):
+    _, run, _ = hostile_run
+    text = (run / "report.html").read_text()
+    assert injected(text) == [] and HOSTILE[0] not in text
+    assert html.escape(HOSTILE[0]) in text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install chromium)")
+def test_class_names_show_as_text_in_chromium(hostile_run, tmp_path):
+    _, run, _ = hostile_run
+    dom, images = render(run / "report.html", tmp_path)
+    assert [e for e in injected(dom) if e[0] != "script"] == []  # the only script is the test's own probe
+    assert dom.count("<script") == 1
+    assert "&lt;img src=x onerror=alert(1)&gt;" in dom and "dose$\\foo$" in dom  # shown as written, as text
+
+
+def test_three_class_model_on_two_classes_agrees_everywhere(tmp_path):
+    """metrics.json, history.csv, the report and compare give one AUC and macro F1 when a class is absent."""
+    from medclf import metrics as M
+    from medclf.compare import evaluate_arms
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 60), ("val", 20), ("test", 20)):
+        labels = np.arange(n) % (3 if split == "train" else 2)  # class 2 occurs in train only
+        arrays[f"{split}_images"] = np.stack([make_image(int(c), 16, rng) for c in labels])
+        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+    np.savez(tmp_path / "partial.npz", **arrays)
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "partial.npz"), *FAST_FLAGS, "--epochs", "1", "--no-plan",
+                 "--out", str(run)]) == 0
+    saved = json.loads((run / "metrics.json").read_text())
+    history = list(csv.DictReader(open(run / "history.csv")))
+    assert saved["val"]["auc"] is not None and saved["test"]["auc"] is not None
+    assert float(history[-1]["val_auc"]) == pytest.approx(saved["val"]["auc"], abs=1e-6)
+    assert float(history[-1]["val_f1_macro"]) == pytest.approx(saved["val"]["f1_macro"], abs=1e-6)
+    text = (run / "report.html").read_text()
+    check_numbers(text, saved)
+    assert ["test", "auc"] in [k for k, _, _ in parse(text).found] and "with a ROC AUC of" in text
+    result, pooled, labels, _ = evaluate_arms(str(tmp_path / "partial.npz"), {"a": [run], "b": [run]},
+                                              {"a": {}, "b": {}}, [0], {}, n_boot=10)
+    for name in ("auc", "f1_macro", "balanced_accuracy"):
+        assert result["arms"]["a"]["metrics"][name]["values"] == [pytest.approx(saved["test"][name], abs=1e-6)]
+        assert result["arms"]["a"]["pooled"][name] == pytest.approx(saved["test"][name], abs=1e-6)
+
+
+def test_a_figure_that_fails_costs_only_that_figure(tmp_path, monkeypatch):
+    from medclf.reporting import figures
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot draw")
+
+    monkeypatch.setattr(figures, "roc_figure", broken)
+    (tmp_path / "history.csv").write_text("epoch,train_loss,val_loss,val_accuracy\n1,0.7,0.6,0.5\n")
+    labels = np.array([0, 1, 0, 1])
+    probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.9, 0.1]])
+    problems = figures.save_run_plots(tmp_path, tmp_path / "history.csv", [[1, 1], [1, 1]], ["a", "b"],
+                                      labels, probs, split="test")
+    assert problems == ["roc.png not written (ValueError: cannot draw)"]
+    assert (tmp_path / "curves.png").is_file() and (tmp_path / "confusion_matrix.png").is_file()
+    assert not (tmp_path / "roc.png").exists()

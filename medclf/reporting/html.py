@@ -1,5 +1,9 @@
 """Self-contained HTML pages: inline CSS, images as base64 PNG data URIs, no scripts, no network.
 
+Text from data (class names, file names, arm names, settings) is HTML: pass it through `esc`.
+`table` cells and `img` captions are HTML already; `section` titles, `img` alt texts and
+`page` titles are escaped here.
+
 Every number taken from a JSON file is written as
 `<span class="num" data-key='["test","accuracy"]' data-value="0.8125">0.812</span>`:
 `data-key` is the JSON path, `data-value` the exact JSON value, so a page can be checked
@@ -17,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .. import atomic
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
@@ -48,13 +54,10 @@ def png_uri(data: bytes) -> str:
 
 
 def figure_uri(fig, dpi: int = 80) -> str:
-    """A matplotlib Figure as a PNG data URI (the figure is closed)."""
-    import matplotlib.pyplot as plt
+    """A matplotlib Figure as a PNG data URI."""
+    from .figures import png_bytes
 
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
-    return png_uri(buffer.getvalue())
+    return png_uri(png_bytes(fig, dpi))
 
 
 def array_uri(image: np.ndarray, min_side: int = 0) -> str:
@@ -127,8 +130,4 @@ def page(title: str, subtitle: str, sections: list[str]) -> str:
 
 def write(path: Path, text: str) -> Path:
     """Write atomically, so a reader never sees half a page."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic.write_bytes(path, text.encode("utf-8"))

@@ -10,18 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import figures, plots, runtime, scoring
-from . import htmlpage as H
-from .config import load_yaml
-from .data import sources
-from .data.augment import prepare_batch
-from .data.store import Store, build_store
-from .errors import MedclfError
-from .evaluate import _split_store, predict_store
-from .gradcam import grad_cam, overlay
-from .metrics import evaluate_predictions, json_safe
-from .models import load_model
-from .stats import bootstrap_ci, expected_calibration_error, reliability_bins
+from .. import inference, metrics, runtime
+from ..config import load_yaml
+from ..data.store import Store
+from ..errors import MedclfError
+from ..gradcam import grad_cam, overlay
+from ..stats import bootstrap_ci, expected_calibration_error, reliability_bins
+from . import figures
+from . import html as H
 
 HEADLINE = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auc": "ROC AUC", "f1_macro": "macro F1"}
 GALLERY_SIDE = 150
@@ -39,26 +35,26 @@ def report(run: str | Path, data: str | None = None, out: str | Path | None = No
     if not (run / "model.pt").is_file():
         raise MedclfError(f"not a run directory (no model.pt): {run}")
     config = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
-    model, ckpt = load_model(run / "model.pt")
+    same_device = str(runtime.pick_device(device)) == str(config.get("device"))
+    loaded = inference.load_for_inference(run / "model.pt", device,
+                                          config.get("precision", "auto") if same_device else "auto")
+    ckpt = loaded.ckpt
     classes = ckpt["classes"]
     data = data or config.get("data") or ckpt.get("config", {}).get("data")
-    dev = runtime.pick_device(device)
-    precision = config.get("precision", "auto") if str(dev) == str(config.get("device")) else "auto"
-    precision = runtime.pick_precision(precision, dev)
-    channels_last = runtime.use_channels_last(None, dev, precision)
-    model = model.to(dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     notes: list[str] = []
+    if stores is None:
+        stores = _load_splits(ckpt, data, config, run, notes)
     evaluated = {}
     for split in ("val", "test"):
-        store = (stores or {}).get(split) if stores is not None else _load_split(ckpt, data, split, config, run, notes)
+        store = stores.get(split)
         if store is None or not len(store):
             continue
         probs = (predictions or {}).get(split)
         if probs is None:
-            probs = predict_store(model, store, ckpt, dev, precision, channels_last, tta=bool(config.get("tta")))
+            probs = loaded.predict(store, tta=bool(config.get("tta")))
         labels = store.labels.numpy()
-        metrics = json_safe(evaluate_predictions(labels, probs, classes, ckpt.get("threshold")))
-        evaluated[split] = {"store": store, "labels": labels, "probs": probs, "metrics": metrics}
+        split_metrics = metrics.json_safe(metrics.evaluate_predictions(labels, probs, classes, ckpt.get("threshold")))
+        evaluated[split] = {"store": store, "labels": labels, "probs": probs, "metrics": split_metrics}
     if not evaluated:
         raise MedclfError(f"{data} has neither a val nor a test split to report on")
     _check_against_metrics_json(run, evaluated, notes)
@@ -72,8 +68,8 @@ def report(run: str | Path, data: str | None = None, out: str | Path | None = No
         H.section(f"Confusion matrix, ROC and precision-recall ({shown})", _curve_figures(s, classes, shown), "roc"),
         H.section(f"Calibration ({shown})", _calibration(evaluated, shown), "calibration"),
         H.section(f"Most confident mistakes ({shown}), with Grad-CAM",
-                  _mistakes(model, ckpt, s, classes, max_mistakes), "mistakes"),
-        H.section("Dataset", _dataset(run, s["store"], classes, shown), "dataset"),
+                  _mistakes(loaded, s, classes, max_mistakes), "mistakes"),
+        H.section("Dataset", _dataset(run, ckpt, s["store"], classes, shown), "dataset"),
         H.section("Configuration and plan", _config(run), "config"),
     ]
     if notes:
@@ -86,30 +82,26 @@ def report(run: str | Path, data: str | None = None, out: str | Path | None = No
     return str(path)
 
 
-def _load_split(ckpt: dict, data: str | None, split: str, config: dict, run: Path, notes: list[str]) -> Store | None:
-    """The split as evaluate builds it; a validation split carved out of train is rebuilt the way train did."""
+def _load_splits(ckpt: dict, data: str | None, config: dict, run: Path, notes: list[str]) -> dict[str, Store]:
+    """The val and test splits as evaluate builds them, noting where they differ from the run's splits.csv."""
     if not data:
         raise MedclfError(f"{run}/config.yaml names no data; pass --data DATA")
     try:
-        source = sources.open_source(data, classes=ckpt["classes"], seed=config.get("seed", 0),
-                                     val_fraction=config.get("val_fraction", 0.1),
-                                     test_fraction=config.get("test_fraction", 0.1))
+        source = inference.open_data(ckpt, data)
     except MedclfError as exc:
         raise MedclfError(f"cannot rebuild the predictions for the report: {exc} (pass --data DATA)") from None
-    if split in source.splits:
-        store, _ = _split_store(ckpt, data, split, bool(config.get("skip_bad")), bool(config.get("cache", True)))
-    elif split == "val" and "train" in source.splits:
-        sources.ensure_val_split(source, config.get("val_fraction", 0.1), config.get("seed", 0))
-        size = ckpt.get("store_size", ckpt["input_size"])
-        store, _ = build_store(source, "val", size, ckpt["in_chans"], skip_bad=bool(config.get("skip_bad")),
-                               cache=bool(config.get("cache", True)))
-    else:
-        return None
-    recorded = _split_ids(run).get(split)
-    if recorded is not None and recorded != list(store.ids):
-        notes.append(f"The {split} split rebuilt from {data} differs from the one recorded in splits.csv "
-                     f"({len(store)} vs {len(recorded)} images); the numbers below are on the rebuilt split.")
-    return store
+    stores = {}
+    recorded = _split_ids(run)
+    for split in ("val", "test"):
+        if split not in source.splits:
+            continue
+        stores[split], _ = inference.split_store(ckpt, source, split, bool(config.get("skip_bad")),
+                                                 bool(config.get("cache", True)))
+        ids = recorded.get(split)
+        if ids is not None and ids != list(stores[split].ids):
+            notes.append(f"The {split} split rebuilt from {data} differs from the one recorded in splits.csv "
+                         f"({len(stores[split])} vs {len(ids)} images); the numbers below are on the rebuilt split.")
+    return stores
 
 
 def _split_ids(run: Path) -> dict[str, list[str]]:
@@ -135,18 +127,11 @@ def _check_against_metrics_json(run: Path, evaluated: dict, notes: list[str]) ->
                          f"from metrics.json ({old:.4f}): data or software changed since training.")
 
 
-def _specificity_of(c: int):
-    def specificity(y: np.ndarray, probs: np.ndarray) -> float:
-        negatives = y != c
-        return float(np.mean(probs[negatives].argmax(1) != c)) if negatives.any() else float("nan")
-    return specificity
-
-
 def _cis(e: dict, classes: list[str], n_boot: int) -> dict:
     """Bootstrap CIs of the headline metrics (cached per split)."""
     if "cis" not in e:
         y, p = e["labels"], e["probs"]
-        funcs = scoring.metric_functions(classes)
+        funcs = metrics.metric_functions(classes)
         e["cis"] = {m: bootstrap_ci(funcs[m], y, p, n_boot=n_boot) for m in HEADLINE}
     return e["cis"]
 
@@ -156,8 +141,8 @@ def _class_cis(e: dict, classes: list[str], n_boot: int) -> dict:
     y, p = e["labels"], e["probs"]
     out = {}
     for i, c in enumerate(classes):
-        out[("recall", c)] = bootstrap_ci(scoring.recall_of(i), y, p, n_boot=n_boot)
-        out[("specificity", c)] = bootstrap_ci(_specificity_of(i), y, p, n_boot=n_boot)
+        out[("recall", c)] = bootstrap_ci(metrics.recall_of(i), y, p, n_boot=n_boot)
+        out[("specificity", c)] = bootstrap_ci(metrics.specificity_of(i), y, p, n_boot=n_boot)
     return out
 
 
@@ -170,12 +155,13 @@ def _summary(evaluated: dict, shown: str, classes: list[str], n_boot: int) -> st
     if m["auc"] is not None:
         parts.append(f"with a ROC AUC of {H.fmt(m['auc'])} (95% CI {H.fmt(cis['auc'][0])}–{H.fmt(cis['auc'][1])})")
     text = " ".join(parts) + ". "
-    sens = [f"{c} {_pct(m['per_class'][c]['recall'])}" for c in classes if m["per_class"][c]["support"]]
+    sens = [f"{H.esc(c)} {_pct(m['per_class'][c]['recall'])}" for c in classes if m["per_class"][c]["support"]]
     text += "Sensitivity per class: " + ", ".join(sens) + ". "
     if "threshold" in m:
         t = m["threshold"]
-        text += (f"At the threshold chosen on validation (P({classes[1]}) ≥ {H.fmt(t['value'])}) the sensitivity for "
-                 f"{classes[1]} is {_pct(t['per_class'][classes[1]]['recall'])} and its specificity "
+        positive = H.esc(classes[1])
+        text += (f"At the threshold chosen on validation (P({positive}) ≥ {H.fmt(t['value'])}) the sensitivity for "
+                 f"{positive} is {_pct(t['per_class'][classes[1]]['recall'])} and its specificity "
                  f"{_pct(t['per_class'][classes[1]]['specificity'])}. ")
     if m["n"] < 200:
         text += "With fewer than 200 images the intervals are wide: treat small differences as noise."
@@ -227,19 +213,19 @@ def _per_class_tables(evaluated: dict, classes: list[str], n_boot: int) -> str:
 def _curves(run: Path) -> str:
     if not (run / "history.csv").is_file():
         return '<p class="muted">no history.csv in the run</p>'
-    history = plots.read_history(run / "history.csv")
+    history = figures.read_history(run / "history.csv")
     if not history:
         return '<p class="muted">history.csv is empty</p>'
-    return H.img(H.figure_uri(plots.curves_figure(history)), "training curves",
+    return H.img(H.figure_uri(figures.curves_figure(history)), "training curves",
                  caption="Loss and validation metrics per epoch; the best epoch on the monitored metric is the model.")
 
 
 def _curve_figures(e: dict, classes: list[str], split: str) -> str:
     cm = e["metrics"]["confusion_matrix"]
     return '<div class="row">' + "".join([
-        H.img(H.figure_uri(plots.confusion_figure(cm, classes, f"confusion matrix ({split})")), "confusion matrix",
+        H.img(H.figure_uri(figures.confusion_figure(cm, classes, f"confusion matrix ({split})")), "confusion matrix",
               caption="Rows: true class; columns: predicted (most probable) class."),
-        H.img(H.figure_uri(plots.roc_figure(e["labels"], e["probs"], classes, f"ROC ({split})")), "ROC curve",
+        H.img(H.figure_uri(figures.roc_figure(e["labels"], e["probs"], classes, f"ROC ({split})")), "ROC curve",
               caption="Sensitivity against 1 − specificity over all thresholds."),
         H.img(H.figure_uri(figures.pr_figure(e["labels"], e["probs"], classes, f"precision-recall ({split})")),
               "precision-recall curve", caption="Dotted: the precision of guessing (the class's prevalence)."),
@@ -258,40 +244,43 @@ def _calibration(evaluated: dict, shown: str) -> str:
                         "reliability diagram", caption="Bars: accuracy of the images in each confidence bin.")
 
 
-def _display(image: np.ndarray, side: int = GALLERY_SIDE) -> np.ndarray:
-    """uint8 C×H×W → H×W or H×W×3, upscaled (nearest) to `side` for display."""
+def _display(view: np.ndarray, side: int = GALLERY_SIDE) -> np.ndarray:
+    """An H×W or H×W×3 uint8 image upscaled (nearest) to `side` for display."""
     from PIL import Image
 
-    array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-    return np.asarray(Image.fromarray(np.ascontiguousarray(array)).resize((side, side), Image.Resampling.NEAREST))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(view)).resize((side, side), Image.Resampling.NEAREST))
 
 
-def _mistakes(model, ckpt: dict, e: dict, classes: list[str], limit: int) -> str:
+def _model_views(ckpt: dict, store: Store, indices) -> np.ndarray:
+    """The images at `indices` as the model sees them (crop, size, channels), before normalisation, uint8."""
+    return inference.view_uint8(inference.model_view(ckpt, store.take(torch.as_tensor(indices))))
+
+
+def _mistakes(loaded: inference.LoadedModel, e: dict, classes: list[str], limit: int) -> str:
     labels, probs, store = e["labels"], e["probs"], e["store"]
     pred = probs.argmax(1)
     wrong = np.flatnonzero((pred != labels) & (labels >= 0))
     if not len(wrong):
         return "<p>No mistakes on this split.</p>"
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:limit]
-    idx = torch.as_tensor(wrong)
-    raw = store.take(idx)
-    device = next(model.parameters()).device
-    x = prepare_batch(raw.to(device), ckpt["input_size"], ckpt["mean"], ckpt["std"], ckpt["in_chans"])
-    cams = grad_cam(model, x, target=torch.as_tensor(pred[wrong])).cpu().numpy()
+    raw = store.take(torch.as_tensor(wrong)).to(loaded.device)
+    x = inference.preprocess(loaded.ckpt, raw)
+    cams = grad_cam(loaded.model, x, target=torch.as_tensor(pred[wrong])).cpu().numpy()
+    views = inference.view_uint8(inference.model_view(loaded.ckpt, raw))
     cards = []
     for j, i in enumerate(wrong):
-        image = _display(raw[j].numpy())
+        image = _display(views[j])
         name = Path(store.ids[i]).name if "/" in store.ids[i] else f"row {store.ids[i]}"
         caption = (f"true <b>{H.esc(classes[labels[i]])}</b> → predicted <b>{H.esc(classes[pred[i]])}</b> "
                    f"({probs[i, pred[i]]:.2f})<br><span class=\"muted\">{H.esc(name)}</span>")
         cards.append(f'<div class="card">{H.img(H.array_uri(image), "image")}'
                      f'{H.img(H.array_uri(overlay(image, cams[j])), "Grad-CAM")}<br>{caption}</div>')
-    return (f"<p>The {len(wrong)} wrong predictions made with the highest confidence. Right: Grad-CAM for the "
-            "predicted class (red = regions that raised that class's score most).</p>"
-            f'<div class="gallery">{"".join(cards)}</div>')
+    return (f"<p>The {len(wrong)} wrong predictions made with the highest confidence, each shown as the model saw it "
+            "(its crop and size). Right: Grad-CAM for the predicted class (red = regions that raised that class's "
+            f'score most).</p><div class="gallery">{"".join(cards)}</div>')
 
 
-def _dataset(run: Path, store: Store, classes: list[str], shown: str) -> str:
+def _dataset(run: Path, ckpt: dict, store: Store, classes: list[str], shown: str) -> str:
     counts: dict[str, Counter] = {}
     path = run / "splits.csv"
     if path.is_file():
@@ -313,8 +302,8 @@ def _dataset(run: Path, store: Store, classes: list[str], shown: str) -> str:
     html += f"<h3>Sample images ({H.esc(shown)}, as the model sees them before normalisation)</h3>"
     for i, c in enumerate(classes):
         picks = np.flatnonzero(labels == i)[:6]
-        thumbs = "".join(H.img(H.array_uri(_display(store.take(torch.tensor([k]))[0].numpy(), 96)), c, "thumb")
-                         for k in picks)
+        views = _model_views(ckpt, store, picks) if len(picks) else []
+        thumbs = "".join(H.img(H.array_uri(_display(view, 96)), c, "thumb") for view in views)
         html += f"<p><b>{H.esc(c)}</b><br>{thumbs or '<span class=muted>none</span>'}</p>"
     return html
 
@@ -325,3 +314,18 @@ def _config(run: Path) -> str:
         if (run / name).is_file():
             html += f"<h3>{what} ({name})</h3><pre>{H.esc((run / name).read_text())}</pre>"
     return html or '<p class="muted">no config.yaml in the run</p>'
+
+
+def write_run_outputs(out: Path, results: dict, curves: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
+                      stores: dict[str, Store], device: str) -> None:
+    """The run's plots and report.html, after metrics.json: a failure here costs that file, never the run."""
+    shown = "test" if "test" in results else "val"
+    problems = figures.save_run_plots(out, out / "history.csv", results[shown]["confusion_matrix"], classes,
+                                      *curves[shown], split=shown)
+    try:
+        report(out, stores=stores, predictions={s: p for s, (_, p) in curves.items()}, device=device)
+    except Exception as exc:  # noqa: BLE001  report.html is a bonus: report the failure, keep the run
+        problems.append(f"report.html not written ({type(exc).__name__}: {str(exc)[:300]}); "
+                        f"retry with `medclf report {out}`")
+    for problem in problems:
+        print(f"medclf: warning: {problem}")

@@ -1,21 +1,28 @@
-"""comparison.html: one self-contained page from comparison.json and the runs' histories."""
+"""comparison.html: one self-contained page from comparison.json and the runs' histories, and its summary text.
+
+Reads only the comparison's numbers (it never imports medclf.compare, which imports it).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from . import figures, plots
-from . import htmlpage as H
-from .metrics import classification_metrics
+from ..metrics import confusion
+from . import figures
+from . import html as H
 
 SIGNIFICANT = 0.05
+LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auc": "ROC AUC", "f1_macro": "macro F1"}
+
+
+def metric_label(metric: str) -> str:
+    """A metric's name in words (plain text: escape it for HTML)."""
+    return LABELS.get(metric) or f"sensitivity ({metric.removeprefix('recall_')})"
 
 
 def write_comparison_html(out: Path, result: dict, run_dirs: dict[str, list[Path]], labels: np.ndarray,
                           pooled: dict[str, np.ndarray], classes: list[str]) -> Path:
-    from .compare import metric_label, summary_text
-
     arms = result["arms"]
     names = list(arms)
     metrics = list(next(iter(arms.values()))["metrics"])
@@ -37,7 +44,7 @@ def write_comparison_html(out: Path, result: dict, run_dirs: dict[str, list[Path
                 f"<br>p = {p}{' <span class=sig>*</span>' if star else ''}")
 
     header = ["metric"] + [H.esc(a) for a in names] + [f"{H.esc(a)} − {H.esc(b)}" for a, b in show_pairs]
-    rows = [[metric_label(m)] + [mean_std(a, m) for a in names] + [diff_cell(a, b, m) for a, b in show_pairs]
+    rows = [[H.esc(metric_label(m))] + [mean_std(a, m) for a in names] + [diff_cell(a, b, m) for a, b in show_pairs]
             for m in metrics]
     main_table = H.table(header, rows) + (
         f'<p class="muted">Mean ± standard deviation over {len(result["seeds"])} seed(s) on the same '
@@ -48,7 +55,7 @@ def write_comparison_html(out: Path, result: dict, run_dirs: dict[str, list[Path
     pair_rows = []
     for i, r in enumerate(result["pairwise"]):
         star = r["p_value"] is not None and r["p_value"] < SIGNIFICANT
-        pair_rows.append([H.esc(r["a"]), H.esc(r["b"]), metric_label(r["metric"]),
+        pair_rows.append([H.esc(r["a"]), H.esc(r["b"]), H.esc(metric_label(r["metric"])),
                           H.num(r.get("a_value"), ["pairwise", i, "a_value"]),
                           H.num(r.get("b_value"), ["pairwise", i, "b_value"]),
                           H.num(r["difference"], ["pairwise", i, "difference"]),
@@ -59,14 +66,14 @@ def write_comparison_html(out: Path, result: dict, run_dirs: dict[str, list[Path
     pair_table = H.table(["a", "b", "metric", "a (pooled)", "b (pooled)", "a − b", "95% CI", "p", "test"], pair_rows,
                          cls="pairs")
 
-    histories = {arm: [plots.read_history(d / "history.csv") for d in dirs if (d / "history.csv").is_file()]
+    histories = {arm: [figures.read_history(d / "history.csv") for d in dirs if (d / "history.csv").is_file()]
                  for arm, dirs in run_dirs.items()}
     curves = H.img(H.figure_uri(figures.arm_curves_figure(histories)), "validation curves",
                    caption="Validation metrics per epoch: one colour per arm, one line per seed.")
     roc = H.img(H.figure_uri(figures.arm_roc_figure(labels, pooled, classes, f"ROC ({result['split']})")),
                 "ROC curves", caption="Each arm's probabilities averaged over its seeds.")
-    cms = {arm: classification_metrics(labels, p, classes)["confusion_matrix"] for arm, p in pooled.items()}
-    confusion = H.img(H.figure_uri(figures.confusion_grid_figure(cms, classes)), "confusion matrices",
+    cms = {arm: confusion(labels, p.argmax(1), len(classes)) for arm, p in pooled.items()}
+    confusions = H.img(H.figure_uri(figures.confusion_grid_figure(cms, classes)), "confusion matrices",
                       caption="Rows: true class; columns: predicted class of the seed-averaged probabilities.")
 
     run_rows = []
@@ -86,10 +93,49 @@ def write_comparison_html(out: Path, result: dict, run_dirs: dict[str, list[Path
         H.section("Summary", f'<p class="summary">{H.esc(summary_text(result))}</p><ul>{settings}</ul>{note}', "summary"),
         H.section("Results", main_table, "results"),
         H.section("Validation curves", curves, "curves"),
-        H.section(f"ROC curves and confusion matrices ({result['split']})", roc + confusion, "roc"),
+        H.section(f"ROC curves and confusion matrices ({result['split']})", roc + confusions, "roc"),
         H.section("All pairwise tests", pair_table, "pairwise"),
         H.section("Runs", runs_table, "runs"),
     ]
     subtitle = (f"data {H.esc(result['data'])}, {H.esc(result['split'])} split, {result['n_images']} images, "
                 f"{len(classes)} classes, seeds {', '.join(map(str, result['seeds']))}")
     return H.write(out / "comparison.html", H.page("medclf comparison: " + " vs ".join(names), subtitle, sections))
+
+
+def summary_text(result: dict) -> str:
+    """One plain-language paragraph from the numbers."""
+    arms = result["arms"]
+    primary = "auc" if all(v["metrics"]["auc"]["mean"] is not None for v in arms.values()) else "accuracy"
+    order = sorted(arms, key=lambda a: -(arms[a]["metrics"][primary]["mean"] or -1))
+    best = order[0]
+    n_seeds = len(result["seeds"])
+
+    def ms(arm: str, metric: str) -> str:
+        m = arms[arm]["metrics"][metric]
+        return "—" if m["mean"] is None else f"{m['mean']:.3f} ± {m['std']:.3f}"
+
+    text = (f"On the {result['split']} split ({result['n_images']} images, {len(result['classes'])} classes) "
+            f"{len(arms)} settings were trained with {n_seeds} seed{'s' if n_seeds > 1 else ''} each. "
+            f"{best} reached the highest mean {metric_label(primary)} ({ms(best, primary)}), against "
+            + ", ".join(f"{a} ({ms(a, primary)})" for a in order[1:]) + ". ")
+    significant = 0
+    for other in order[1:]:
+        for metric in (primary, "accuracy") if primary != "accuracy" else ("accuracy",):
+            row = next(r for r in result["pairwise"] if r["metric"] == metric and {r["a"], r["b"]} == {best, other})
+            sign = 1 if row["a"] == best else -1
+            if row["difference"] is None or row["p_value"] is None:
+                continue
+            lo, hi = row["ci95"] if sign == 1 else [None if v is None else -v for v in row["ci95"][::-1]]
+            test = "DeLong" if row["method"].startswith("DeLong") else "McNemar" if "McNemar" in row["method"] else "bootstrap"
+            p = row["p_value"]
+            verdict = "a statistically significant difference" if p < 0.05 else "not a statistically significant difference"
+            significant += p < 0.05
+            ci_text = f"95% CI {lo:+.3f} to {hi:+.3f}, " if lo is not None and hi is not None else ""
+            text += (f"Pooling each arm's seeds, {best} minus {other} in {metric_label(metric)} is "
+                     f"{sign * row['difference']:+.3f} ({ci_text}{test} p = {p:.3g}): {verdict}. ")
+    text += ("Significance means p < 0.05 without correction for the number of comparisons. "
+             if significant else "On these images the data cannot tell the settings apart with confidence. ")
+    if result["n_images"] < 200 or n_seeds < 3:
+        text += (f"With {result['n_images']} {result['split']} images and {n_seeds} seed(s) per setting, differences of a few "
+                 "points are within the noise; more images or seeds narrow the intervals.")
+    return text.strip()

@@ -1,0 +1,135 @@
+"""Running a trained model: the one way every consumer of a checkpoint builds its input.
+
+`predict`, `evaluate`, `explain`, the report, `compare` (and training's own validation) all turn
+uint8 images into the model's input through `preprocess(ckpt, images)`, so the image a Grad-CAM
+explains is exactly the image that was predicted. `model_view` is the same picture before
+normalisation, for showing what the model saw (the checkpoint's centre crop included).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import runtime
+from .data import sources
+from .data.augment import prepare_batch
+from .data.store import Store, build_store, native_size
+from .errors import MedclfError
+from .models import load_model
+
+INFER_BATCH = 256  # images per forward pass: large batches keep every core busy, memory stays < 1 GB at 224 px
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's model on its device, with the settings inference runs it under."""
+
+    model: nn.Module
+    ckpt: dict[str, Any]
+    device: torch.device
+    precision: str
+    channels_last: bool
+
+    def predict(self, store: Store, tta: bool = False, desc: str | None = None) -> np.ndarray:
+        return predict_store(self.model, store, self.ckpt, self.device, self.precision, self.channels_last,
+                             tta=tta, desc=desc)
+
+
+def load_for_inference(run_or_model: str | Path, device: str = "auto", precision: str = "auto") -> LoadedModel:
+    """The model of a run directory or model.pt, moved to `device` in the memory format that runs fastest there."""
+    model, ckpt = load_model(run_or_model)
+    dev = runtime.pick_device(device)
+    prec = runtime.pick_precision(precision, dev)
+    channels_last = runtime.use_channels_last(None, dev, prec)
+    model = model.to(dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return LoadedModel(model, ckpt, dev, prec, channels_last)
+
+
+def model_view(ckpt: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
+    """uint8 N×C×H×W → float N×C×S×S in [0, 1]: the checkpoint's channels, centre crop and input size."""
+    channels = ckpt["in_chans"]
+    return prepare_batch(images, ckpt["input_size"], [0.0] * channels, [1.0] * channels, channels,
+                         crop=ckpt.get("crop", 1.0))
+
+
+def normalise(ckpt: dict[str, Any], view: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(ckpt["mean"], device=view.device, dtype=view.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(ckpt["std"], device=view.device, dtype=view.dtype).view(1, -1, 1, 1)
+    return (view - mean) / std
+
+
+def preprocess(ckpt: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
+    """uint8 N×C×H×W → the model's normalised float input. The one input path of every checkpoint consumer."""
+    return normalise(ckpt, model_view(ckpt, images))
+
+
+def view_uint8(view: torch.Tensor) -> np.ndarray:
+    """A model_view batch as uint8 images for display: N×H×W (one channel) or N×H×W×3."""
+    array = view.clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+    return array[:, 0] if array.shape[1] == 1 else array.transpose(0, 2, 3, 1)
+
+
+@torch.inference_mode()
+def predict_store(model: nn.Module, store: Store, ckpt: dict[str, Any], device: torch.device, precision: str,
+                  channels_last: bool, tta: bool = False, batch_size: int = INFER_BATCH,
+                  desc: str | None = None) -> np.ndarray:
+    """Class probabilities (N×K float32) for every image in the store."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for idx in tqdm(torch.arange(len(store)).split(batch_size), desc=desc or "predict", unit="batch", leave=False,
+                    disable=desc is None or len(store) < 4 * batch_size):
+        x = preprocess(ckpt, store.take(idx).to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with runtime.autocast(device, precision):
+            logits = model(x).float()
+            if tta:  # average the original and the horizontally flipped image
+                logits = torch.stack([logits.softmax(1), model(x.flip(-1)).float().softmax(1)]).mean(0).log()
+        out.append(logits.softmax(1).cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, ckpt["num_classes"]), np.float32)
+
+
+def open_data(ckpt: dict[str, Any], data: str) -> sources.Source:
+    """DATA opened with the training run's split settings, its validation split carved out of train as train did."""
+    cfg = ckpt.get("config", {})
+    seed, val_fraction = cfg.get("seed", 0), cfg.get("val_fraction", 0.1)
+    source = sources.open_source(data, classes=ckpt["classes"], seed=seed, val_fraction=val_fraction,
+                                 test_fraction=cfg.get("test_fraction", 0.1))
+    sources.ensure_val_split(source, val_fraction, seed)
+    return source
+
+
+def split_store(ckpt: dict[str, Any], data: str | sources.Source, split: str, skip_bad: bool = False,
+                cache: bool = True) -> tuple[Store, str]:
+    """One split of DATA (a path, a name, or an `open_data` result) decoded for the checkpoint; (store, source kind)."""
+    source = data if isinstance(data, sources.Source) else open_data(ckpt, data)
+    if split not in source.splits:
+        raise MedclfError(f"{data if isinstance(data, str) else source.root} has no {split!r} split "
+                          f"(has: {', '.join(source.splits)})")
+    store_size = ckpt.get("store_size", ckpt["input_size"]) if source.kind == "folder" else native_size(source)
+    store, _ = build_store(source, split, store_size, ckpt["in_chans"], skip_bad=skip_bad, cache=cache, desc=split)
+    return store, source.kind
+
+
+def input_store(ckpt: dict[str, Any], inputs: list[str], skip_bad: bool = False) -> Store:
+    """Image files and folders decoded for the checkpoint; labelled where a parent folder is named after a class."""
+    split = sources.open_inputs(inputs)
+    split.labels = labels_from_parent_folders(split.paths, ckpt["classes"])
+    source = sources.Source("inputs", "folder", Path("."), ckpt["classes"], {"inputs": split})
+    store, _ = build_store(source, "inputs", ckpt.get("store_size", ckpt["input_size"]), ckpt["in_chans"],
+                           skip_bad=skip_bad, cache=False, desc="inputs")
+    return store
+
+
+def labels_from_parent_folders(paths: list[str], classes: list[str]) -> np.ndarray:
+    """Known labels for images that sit in a folder named after a class (e.g. test/NORMAL/x.jpeg); -1 otherwise."""
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index.get(Path(p).parent.name, -1) for p in paths], dtype=np.int64)
