@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from . import atomic
 from .errors import MedclfError
 
 CHOICES = {
@@ -94,7 +95,7 @@ class TrainConfig:
 
 
 def save_yaml(data: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic.write_text(path, yaml.safe_dump(data, sort_keys=False))  # never a half-written config
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

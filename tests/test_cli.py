@@ -120,7 +120,7 @@ def test_interrupt_then_resume(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(train_module, "train_one_epoch", interrupted_second_epoch)
     run = tmp_path / "run"
-    assert main(["train", str(data), *FAST_FLAGS, "--epochs", "3", "--out", str(run)]) == 2
+    assert main(["train", str(data), *FAST_FLAGS, "--epochs", "3", "--out", str(run)]) == 130  # Ctrl-C, as shells expect
     assert "resume with `medclf train --resume" in capsys.readouterr().err
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(train_module, "train_one_epoch", real)
