@@ -19,7 +19,7 @@ from .plan import PLANNED, balance_for, fingerprint, format_plan, make_plan, pla
 from .config import TrainConfig, load_yaml, save_yaml
 from .data import sources, splits
 from .data.augment import PRESETS, prepare_batch
-from .data.store import Store, build_store, native_size, probe_channels
+from .data.store import Store, build_store, cache_root, native_size, probe_channels
 from .errors import MedclfError
 from .evaluate import choose_threshold, predict_store
 from .metrics import evaluate_predictions, json_safe
@@ -237,7 +237,8 @@ def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool
         the_plan = apply_plan(cfg, source, base, explicit, progress)
     facts = the_plan["fingerprint"] if the_plan is not None else None
     gen = runtime.seed_everything(cfg.seed)
-    source, stores, spec, skipped = load_data(cfg, base, source, facts)
+    with _disk_full_is_one_line(cache_root(cfg.cache_dir)):
+        source, stores, spec, skipped = load_data(cfg, base, source, facts)
     spec["weights"] = "none" if base is None and cfg.weights != "imagenet" else cfg.weights
     device = runtime.pick_device(cfg.device)
     precision = runtime.pick_precision(cfg.precision, device)
