@@ -20,7 +20,7 @@ import torch
 
 from medclf.cli import main
 
-from conftest import FAST_FLAGS, make_split_folder
+from conftest import FAST_FLAGS, interrupt_second_epoch, make_split_folder
 
 train_module = importlib.import_module("medclf.train")
 RUNNER = Path(__file__).with_name("fault_runner.py")
@@ -244,16 +244,7 @@ def test_out_naming_a_file_is_one_line(tmp_path, capsys):
 def test_resume_cleans_up_temporaries_of_a_failed_write(tmp_path, monkeypatch):
     data = make_split_folder(tmp_path / "d")
     run = tmp_path / "run"
-    real = train_module.train_one_epoch
-    calls = {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    real = interrupt_second_epoch(monkeypatch)
     assert main(["train", str(data), *FAST_FLAGS, "--epochs", "2", "--out", str(run)]) == 130
     monkeypatch.setattr(train_module, "train_one_epoch", real)
     (run / "last.pt.tmp").write_bytes(b"half")

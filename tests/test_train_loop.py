@@ -16,7 +16,7 @@ from medclf.config import TrainConfig
 from medclf.errors import MedclfError
 from medclf.plan import make_plan, steps_per_epoch
 
-from conftest import FAST_FLAGS, make_split_folder, write_class_folders
+from conftest import FAST_FLAGS, interrupt_second_epoch, make_split_folder, write_class_folders
 
 train_module = importlib.import_module("medclf.train")
 
@@ -178,24 +178,10 @@ def test_default_run_names_differ_within_one_second(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- resume continues, and only on the same data
 
-def _interrupt_after_first_epoch(monkeypatch):
-    real = train_module.train_one_epoch
-    calls = {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
-    return real
-
-
 def test_resume_continues_the_time_budget(tmp_path, monkeypatch):
     data = make_split_folder(tmp_path / "d")
     run = tmp_path / "run"
-    real = _interrupt_after_first_epoch(monkeypatch)
+    real = interrupt_second_epoch(monkeypatch)
     assert main(["train", str(data), *FAST_FLAGS, "--epochs", "4", "--time-budget", "5", "--out", str(run)]) == 130
     monkeypatch.setattr(train_module, "train_one_epoch", real)
     state = torch.load(run / "last.pt", weights_only=True)
@@ -209,7 +195,7 @@ def test_resume_continues_the_time_budget(tmp_path, monkeypatch):
 def test_resume_refuses_data_that_changed(tmp_path, monkeypatch, capsys):
     data = make_split_folder(tmp_path / "d")
     run = tmp_path / "run"
-    real = _interrupt_after_first_epoch(monkeypatch)
+    real = interrupt_second_epoch(monkeypatch)
     assert main(["train", str(data), *FAST_FLAGS, "--epochs", "3", "--out", str(run)]) == 130
     monkeypatch.setattr(train_module, "train_one_epoch", real)
     os.remove(sorted((data / "train" / "NORMAL").glob("*.png"))[0])
