@@ -196,7 +196,7 @@ def small_disk(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    subprocess.run(["umount", "--lazy", str(mount)], check=False)  # lazy: a failed test may still hold a file open
 
 
 def test_a_real_full_disk_then_a_rerun_once_space_is_freed(tmp_path, small_disk, capsys):
