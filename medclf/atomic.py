@@ -38,12 +38,24 @@ def disk_full_error(path: str | os.PathLike, needed: int | None = None) -> Medcl
     return MedclfError(f"disk full writing {path} ({have}{need}); free some space and re-run (or --resume)")
 
 
-def is_disk_full(exc: BaseException) -> bool:
+NEARLY_FULL = 1 << 20  # bytes free below which a failed write is taken to be a full disk
+
+
+def is_disk_full(exc: BaseException, where: str | os.PathLike | None = None) -> bool:
+    """True for a write that failed because the disk is full. `where`: the folder written to, checked
+    (before the partial file is removed) when torch's writer failed without naming the cause."""
     if isinstance(exc, OSError) and exc.errno in DISK_FULL:
         return True
+    if not isinstance(exc, RuntimeError):
+        return False
     # torch.save reports a failed write as RuntimeError from its zip writer, with the errno in the text
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("No space left" in text or "file write failed" in text)
+    if "No space left" in text or "file write failed" in text:
+        return True
+    # on a full tmpfs the writer says only "unexpected pos" or "iostream error": look at the free space
+    vague = "unexpected pos" in text or "iostream error" in text
+    free = free_bytes(where) if vague and where is not None else None
+    return free is not None and free < NEARLY_FULL
 
 
 @contextlib.contextmanager
@@ -57,8 +69,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         os.replace(tmp_path, path)
     except BaseException as exc:
+        full = is_disk_full(exc, path.parent)  # before the partial file frees its space
         tmp_path.unlink(missing_ok=True)
-        if is_disk_full(exc):
+        if full:
             raise disk_full_error(path) from None
         raise
 

@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     except MedclfError as exc:
         print(f"medclf: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("medclf: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C: exit 130 as shells expect; training says what it saved
+        print(f"medclf: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
 
 

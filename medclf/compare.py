@@ -10,13 +10,14 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import metrics
+from . import atomic, metrics
 from .config import TrainConfig, load_yaml
 from .data import sources
 from .errors import MedclfError
@@ -50,7 +51,7 @@ def compare(data: str, weights: str | list[str] | None = None, arms: str | Path 
     out = Path(out) if out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-compare-{Path(str(data)).stem}"
     out.mkdir(parents=True, exist_ok=True)
     data_used, split_note = fixed_splits(data, out, base_seed, common.get("val_fraction", defaults.val_fraction),
-                                         common.get("test_fraction", defaults.test_fraction))
+                                         common.get("test_fraction", defaults.test_fraction), force=force)
     seed_list = [base_seed + k for k in range(seeds)]
     run_dirs = {arm: [out / f"{arm}-seed{s}" for s in seed_list] for arm in arm_flags}
     total, done = len(arm_flags) * seeds, 0
@@ -64,10 +65,7 @@ def compare(data: str, weights: str | list[str] | None = None, arms: str | Path 
     if split_note:
         result["split_note"] = split_note
     result = json_safe(result)
-    json_path = out / "comparison.json"
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(json_path)
+    json_path = atomic.write_text(out / "comparison.json", json.dumps(result, indent=2))
     html_path = write_comparison_html(out, result, run_dirs, labels, probs, classes)
     print(summary_text(result))
     print(f"comparison → {json_path}, {html_path}")
@@ -134,46 +132,98 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("._") or "arm"
 
 
-def fixed_splits(data: str, out: Path, seed: int, val_fraction: float, test_fraction: float) -> tuple[str, str | None]:
+SPLIT_RECORD = ".complete"  # inside OUT/data; beside OUT/data.npz as data.npz.complete
+
+
+def fixed_splits(data: str, out: Path, seed: int, val_fraction: float, test_fraction: float,
+                 force: bool = False) -> tuple[str, str | None]:
     """DATA whose val/test splits would depend on each run's seed, made once and shared by all runs.
 
     Class folders (no train/val/test) and data without val are split with the base seed into
     OUT/data/<split>/<class>/ (symlinks) or OUT/data.npz, so every arm and seed trains on the same
-    images and is tested on the same held-out images. Returns (DATA to use, a note or None).
+    images and is tested on the same held-out images. The split records the DATA, seed and fractions it
+    was made from: a later compare into the same OUT reuses it only when they match, and rebuilds it
+    on a mismatch only with `force`. Returns (DATA to use, a note or None).
     """
     source = sources.open_source(data, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
     sources.ensure_val_split(source, val_fraction, seed)
     if not source.generated_splits:
         return str(data), None
     how = "; ".join(f"{s}: {h}" for s, h in source.generated_splits.items())
+    record = {"data": str(Path(source.root).resolve()), "seed": seed, "val_fraction": val_fraction,
+              "test_fraction": test_fraction, "how": how}
     if source.kind == "folder":
-        root = out / "data"
-        if not (root / ".complete").is_file():
-            shutil.rmtree(root, ignore_errors=True)
-            for name, split in source.splits.items():
-                taken: set[Path] = set()
-                for path, label in zip(split.paths, split.labels):
-                    dest = root / name / source.classes[label] / Path(path).name
-                    if dest in taken:
-                        dest = dest.with_name(f"{len(taken):06d}_{dest.name}")
-                    taken.add(dest)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        os.symlink(Path(path).resolve(), dest)
-                    except OSError:
-                        shutil.copy2(path, dest)
-            (root / ".complete").write_text(how + "\n")
-        return str(root), f"splits made once with seed {seed} and shared by all runs ({how}): {root}"
-    path = out / "data.npz"
-    if not path.is_file():
-        archive = source.load_npz()
-        arrays = {}
-        for name, split in source.splits.items():
-            arrays[f"{name}_images"] = np.asarray(archive[f"{split.npz_key}_images"][split.rows])
-            arrays[f"{name}_labels"] = split.labels.reshape(-1, 1)
-        np.savez(path.with_name("data.tmp.npz"), **arrays)
-        path.with_name("data.tmp.npz").replace(path)
+        path, marker, build = out / "data", out / "data" / SPLIT_RECORD, _link_split_folders
+    else:
+        path, marker, build = out / "data.npz", out / f"data.npz{SPLIT_RECORD}", _write_split_npz
+    if not _reusable_split(path, marker, record, force):
+        out.mkdir(parents=True, exist_ok=True)
+        build(source, path, marker, json.dumps(record, indent=2))
     return str(path), f"splits made once with seed {seed} and shared by all runs ({how}): {path}"
+
+
+def _reusable_split(path: Path, marker: Path, record: dict, force: bool) -> bool:
+    """True when `path` is a finished split made from the same DATA and seed; clears a stale one `force` allows."""
+    if not path.exists():
+        return False
+    if not marker.is_file():
+        raise MedclfError(f"{path} exists but is not a split made by medclf compare; choose another --out")
+    try:
+        saved = json.loads(marker.read_text())
+    except ValueError:
+        saved = {}  # the plain-text marker of an earlier medclf: what it was made from is unknown
+    if all(saved.get(k) == v for k, v in record.items() if k != "how"):
+        return True
+    if not force:
+        was = f"{saved.get('data', 'unknown data')}, seed {saved.get('seed', '?')}"
+        raise MedclfError(f"{path} holds the split of other data ({was}), not {record['data']}, seed {record['seed']}; "
+                          f"pass --force to rebuild it (and retrain the runs) or choose another --out")
+    marker.unlink()
+    if path.is_dir():
+        shutil.rmtree(path)  # symlinks and copies made by compare; the links' targets are untouched
+    else:
+        path.unlink()
+    return False
+
+
+def _link_split_folders(source: sources.Source, root: Path, marker: Path, record: str) -> None:
+    """OUT/data/<split>/<class>/ as symlinks (copies where links fail), built beside and moved in whole,
+    its record inside, so OUT/data is either complete or absent."""
+    building = Path(tempfile.mkdtemp(dir=root.parent, prefix=".data-"))
+    try:
+        for name, split in source.splits.items():
+            taken: set[Path] = set()
+            for path, label in zip(split.paths, split.labels):
+                dest = building / name / source.classes[label] / Path(path).name
+                if dest in taken:
+                    dest = dest.with_name(f"{len(taken):06d}_{dest.name}")
+                taken.add(dest)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.symlink(Path(path).resolve(), dest)
+                except OSError:
+                    shutil.copy2(path, dest)
+        (building / marker.relative_to(root)).write_text(record)
+        os.replace(building, root)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+
+
+def _write_split_npz(source: sources.Source, path: Path, marker: Path, record: str) -> None:
+    """OUT/data.npz; its record is written first, so a record without the file just means: build it."""
+    atomic.write_text(marker, record)
+    archive = source.load_npz()
+    arrays = {}
+    for name, split in source.splits.items():
+        arrays[f"{name}_images"] = np.asarray(archive[f"{split.npz_key}_images"][split.rows])
+        arrays[f"{name}_labels"] = split.labels.reshape(-1, 1)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a path
+            np.savez(f, **arrays)
+
+    atomic.write_with(path, save)
 
 
 def _train_or_reuse(data: str, run_dir: Path, settings: dict, force: bool, progress: bool) -> None:
@@ -181,11 +231,15 @@ def _train_or_reuse(data: str, run_dir: Path, settings: dict, force: bool, progr
     if not force and (run_dir / "config.yaml").is_file():
         config = load_yaml(run_dir / "config.yaml")
         wanted = {**settings, "data": data}
-        same = all(config.get(k) == v for k, v in wanted.items() if k not in NOT_COMPARED and v is not None)
-        if same and (run_dir / "metrics.json").is_file() and (run_dir / "model.pt").is_file():
+        differ = [k for k, v in wanted.items() if k not in NOT_COMPARED and v is not None and config.get(k) != v]
+        if differ:
+            k = differ[0]
+            raise MedclfError(f"{run_dir} was trained with other settings ({k}: {config.get(k)!r}, now {wanted[k]!r}); "
+                              f"pass --force to retrain it or choose another --out")
+        if (run_dir / "metrics.json").is_file() and (run_dir / "model.pt").is_file():
             print(f"compare: {run_dir} is finished with these settings; reusing it")
             return
-        if same and (run_dir / "last.pt").is_file():
+        if (run_dir / "last.pt").is_file():
             train(resume=str(run_dir), progress=progress)
             return
     train(data=data, out=str(run_dir), force=force, progress=progress, **settings)

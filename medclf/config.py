@@ -16,6 +16,7 @@ from typing import Any, Iterable, get_args, get_type_hints
 
 import yaml
 
+from . import atomic
 from .errors import MedclfError
 
 CHOICES = {
@@ -204,7 +205,7 @@ _Loader.add_implicit_resolver(
 
 
 def save_yaml(data: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic.write_text(path, yaml.safe_dump(data, sort_keys=False))  # never a half-written config
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -192,6 +192,24 @@ def _min_epochs(n_train: int) -> int:
     return int(min(15, max(3, math.ceil(40_000 / max(1, n_train)))))
 
 
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch: one per batch, except a trailing 1-image batch, which is dropped
+    (BatchNorm cannot train on a single image). The training loop and every schedule use this count."""
+    assert n_images >= 0 and batch_size >= 1
+    batches = math.ceil(n_images / batch_size)
+    if batches > 1 and n_images % batch_size == 1:
+        batches -= 1
+    return max(1, batches)
+
+
+IMBALANCE_TO_WEIGHT = 1.5  # largest / smallest class above this: class-weighted loss
+
+
+def balance_for(imbalance_ratio: float | None) -> str:
+    """The class-imbalance rule, shared by the plan and training's `--balance auto`."""
+    return "weight" if (imbalance_ratio or 1.0) > IMBALANCE_TO_WEIGHT else "none"
+
+
 def _batch_size(n_train: int) -> int:
     if n_train >= 20_000:
         return 128
@@ -231,8 +249,9 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
     decide("batch_size", _batch_size(n_train), f"{n_train} training images: enough optimizer steps per epoch "
                                                f"and an efficient batch")
     imbalance = fp.get("imbalance_ratio") or 1.0
-    decide("balance", "weight" if imbalance > 1.5 else "none",
-           f"classes differ {imbalance:.2f}x: class-weighted loss keeps the minority recall up" if imbalance > 1.5
+    decide("balance", balance_for(imbalance),
+           f"classes differ {imbalance:.2f}x: class-weighted loss keeps the minority recall up"
+           if balance_for(imbalance) == "weight"
            else f"classes are balanced ({imbalance:.2f}x): plain loss")
     decide("label_smoothing", 0.1, "0.1: calibrates and regularises; standard for ResNet training")
     small = n_train < 1000
@@ -321,7 +340,7 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
     decide("patience", 0 if epochs <= 10 else max(5, epochs // 3),
            "off: a short cosine schedule peaks at its end" if epochs <= 10
            else "a third of the schedule without validation gain")
-    steps = epochs * max(1, n_train // int(settings["batch_size"]))
+    steps = epochs * steps_per_epoch(n_train, int(settings["batch_size"]))
     use_ema = steps >= 1500
     decay = round(min(0.999, 1 - 20 / steps), 4) if use_ema else 0.0
     decide("ema", decay, f"EMA of the weights over ~{int(1 / (1 - decay)) if use_ema else 0} of {steps} steps: a smoother, "
@@ -390,4 +409,5 @@ def plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["fingerprint", "probe", "make_plan", "plan", "format_plan", "save_plan", "plain", "PLANNED"]
+__all__ = ["fingerprint", "probe", "make_plan", "plan", "format_plan", "save_plan", "plain", "PLANNED", "steps_per_epoch",
+           "balance_for"]

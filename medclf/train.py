@@ -1,12 +1,11 @@
 """The training loop: load data, build the model, train epoch by epoch, keep the best, evaluate."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
-import shutil
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,12 +14,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import models, runtime
-from .plan import PLANNED, fingerprint, format_plan, make_plan, plain, save_plan
+from . import atomic, models, rundir, runtime
+from .plan import PLANNED, balance_for, fingerprint, format_plan, make_plan, plain, save_plan, steps_per_epoch
 from .config import TrainConfig, load_yaml, save_yaml
 from .data import sources, splits
 from .data.augment import PRESETS, prepare_batch
-from .data.store import Store, build_store, native_size, probe_channels
+from .data.store import Store, build_store, cache_root, native_size, probe_channels
 from .errors import MedclfError
 from .evaluate import choose_threshold
 from .inference import predict_store
@@ -39,18 +38,19 @@ def open_data(cfg: TrainConfig) -> sources.Source:
     return source
 
 
-def load_data(cfg: TrainConfig, base: dict | None, source: sources.Source | None = None
+def load_data(cfg: TrainConfig, base: dict | None, source: sources.Source | None = None, facts: dict | None = None
               ) -> tuple[sources.Source, dict[str, Store], dict[str, Any], list[str]]:
-    """Open DATA, fix input size and channels, decode every split once. Returns source, stores, spec, skipped files."""
-    return _load_stores(cfg, base, source if source is not None else open_data(cfg))
+    """Open DATA, fix input size and channels, decode every split once. Returns source, stores, spec, skipped files.
+    `facts`: the plan's fingerprint of DATA, whose measurements are used instead of measuring again."""
+    return _load_stores(cfg, base, source if source is not None else open_data(cfg), facts or {})
 
 
-def _load_stores(cfg: TrainConfig, base: dict | None, source: sources.Source):
+def _load_stores(cfg: TrainConfig, base: dict | None, source: sources.Source, facts: dict):
     if base:  # fine-tuning a medclf model: inherit its preprocessing
         input_size, channels, stem = base["input_size"], base["in_chans"], base["stem"]
     else:
         input_size = cfg.size or native_size(source)
-        channels = cfg.channels or probe_channels(source, source.splits["train"])
+        channels = cfg.channels or facts.get("channels") or probe_channels(source, source.splits["train"])
         stem = models.resolve_stem(cfg.stem, input_size)
     store_size = native_size(source) if source.kind == "npz" else input_size
     stores, skipped = {}, []
@@ -81,11 +81,16 @@ def class_weights(labels: torch.Tensor, k: int) -> torch.Tensor:
     return counts.sum() / (k * counts)
 
 
-def resolve_balance(cfg: TrainConfig, labels: torch.Tensor, k: int) -> str:
+def resolve_balance(cfg: TrainConfig, labels: torch.Tensor, k: int, facts: dict | None = None) -> str:
+    """`--balance auto` by the plan's rule, on the plan's imbalance ratio when it measured one."""
     if cfg.balance != "auto":
         return cfg.balance
-    counts = torch.bincount(labels, minlength=k).float()
-    return "weight" if counts.max() > 1.5 * counts[counts > 0].min() else "none"
+    ratio = (facts or {}).get("imbalance_ratio")
+    if ratio is None:
+        counts = torch.bincount(labels, minlength=k)
+        present = counts[counts > 0].float()
+        ratio = float(present.max() / present.min())
+    return balance_for(ratio)
 
 
 def epoch_order(n: int, labels: torch.Tensor, balance: str, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -96,26 +101,36 @@ def epoch_order(n: int, labels: torch.Tensor, balance: str, k: int, generator: t
     return torch.randperm(n, generator=generator)
 
 
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine", clock: float = 0.0) -> float:
+    """The learning rate at optimizer step `step` (0-based) of `total`, as a fraction of the peak: linear
+    warm-up over `warmup` steps, then constant or a cosine that reaches 0 exactly on the last step.
+
+    `clock` (the fraction of the time budget spent) moves the cosine ahead of the step count when the clock,
+    not the steps, will end training, so the rate has decayed when the budget stops a slower-than-probed run.
+    It counts in whole steps, so a budget that is far from binding leaves the schedule exactly as planned.
+    """
+    assert total >= 1 and 0 <= warmup < max(total, 1) and step >= 0 and clock >= 0
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    decay_steps = total - warmup - 1  # the last step has decayed fully
+    done = max(step - warmup, round(clock * decay_steps))
+    progress = min(1.0, done / decay_steps) if decay_steps > 0 else 0.0
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps: int,
                    budget_used: Callable[[], float] | None = None):
-    """Warm-up, then cosine (or constant) per step. `budget_used()` (the fraction of the time budget spent)
-    moves the cosine ahead of the step count when the clock, not the epochs, will end training, so the
-    learning rate has decayed when the budget stops the run on a slower-than-probed machine."""
-    if cfg.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min" if cfg.monitor == "loss" else "max",
-                                                          factor=0.5, patience=max(1, cfg.patience // 2))
-    total = cfg.epochs * steps_per_epoch
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total // 2)
+    """`lr_factor` per optimizer step (`steps` per epoch, from `steps_per_epoch`), or the plateau rule per epoch."""
+    if cfg.schedule == "plateau":  # fed monitor_score, which is higher-is-better for every monitor (loss negated)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
+                                                          patience=max(1, cfg.patience // 2))
+    total = cfg.epochs * steps
+    warmup = min(int(cfg.warmup_epochs * steps), total // 2)
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if budget_used is not None:
-            progress = max(progress, budget_used())
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return lr_factor(step, total, warmup, cfg.schedule, budget_used() if budget_used is not None else 0.0)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -138,9 +153,7 @@ def train_one_epoch(model, store: Store, order: torch.Tensor, spec: dict, optimi
     """One pass over `order` (cut short at `deadline`, a perf_counter time); returns the mean training loss."""
     model.train()
     preset = PRESETS[cfg.augment]
-    batches = order.split(cfg.batch_size)
-    if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot train on a single image
-        batches = batches[:-1]
+    batches = order.split(cfg.batch_size)[:steps_per_epoch(len(order), cfg.batch_size)]
     total, seen = 0.0, 0
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not env["progress"])
     for idx in bar:
@@ -171,6 +184,9 @@ def train_one_epoch(model, store: Store, order: torch.Tensor, spec: dict, optimi
 
 
 def validation_row(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, float]:
+    if not np.isfinite(probs).all():  # a diverged model: no metric is meaningful
+        return {"val_loss": math.nan, "val_accuracy": math.nan, "val_balanced_accuracy": math.nan, "val_auc": math.nan,
+                "val_f1_macro": math.nan}
     m = evaluate_predictions(labels, probs, classes)
     p = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
     return {"val_loss": float(-np.log(p).mean()), "val_accuracy": m["accuracy"],
@@ -178,25 +194,17 @@ def validation_row(probs: np.ndarray, labels: np.ndarray, classes: list[str]) ->
 
 
 def monitor_score(row: dict, monitor: str) -> float:
-    """Higher is better. AUC falls back to accuracy when undefined (one class in val)."""
+    """Higher is better. AUC falls back to accuracy when undefined (one class in val); a diverged epoch never wins."""
+    if not math.isfinite(row["val_loss"]):
+        return -math.inf
     if monitor == "loss":
         return -row["val_loss"]
     value = row[f"val_{monitor}"]
     return row["val_accuracy"] if value is None or not math.isfinite(value) else value
 
 
-def make_run_dir(cfg: TrainConfig, data_name: str, force: bool) -> Path:
-    out = Path(cfg.out) if cfg.out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{data_name}"
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise MedclfError(f"run directory {out} exists; pass --force to overwrite it or --resume {out} to continue")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def write_history(path: Path, history: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic.open_atomic(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
@@ -206,44 +214,60 @@ def train(config: TrainConfig | dict | None = None, *, force: bool = False, resu
           progress: bool = True, **overrides: Any) -> dict:
     """Train a classifier; returns {"out", "metrics", "history"}. Same as `medclf train`."""
     cfg, state, explicit = _resolve_config(config, resume, overrides)
+    with _disk_full_is_one_line(resume or cfg.out or "runs"):
+        return _train(cfg, state, explicit, force, resume, progress)
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(where: str):
+    """A full disk anywhere (the run directory, the decoded-image cache) ends in one line, not a traceback."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if not atomic.is_disk_full(exc):
+            raise
+        raise atomic.disk_full_error(getattr(exc, "filename", None) or where) from None
+
+
+def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool, resume: str | None,
+           progress: bool) -> dict:
     base = models.read_checkpoint(cfg.weights) if cfg.weights not in ("none", "imagenet") else None
     source, the_plan = None, None
     if cfg.plan and not resume and not set(PLANNED) <= explicit:
         source = open_data(cfg)
         the_plan = apply_plan(cfg, source, base, explicit, progress)
+    facts = the_plan["fingerprint"] if the_plan is not None else None
     gen = runtime.seed_everything(cfg.seed)
-    source, stores, spec, skipped = load_data(cfg, base, source)
-    out = Path(resume) if resume else make_run_dir(cfg, source.name, force)
-    cfg.out = str(out)
-    if base is None and cfg.weights != "imagenet":
-        spec["weights"] = "none"
-    else:
-        spec["weights"] = cfg.weights
+    with _disk_full_is_one_line(cache_root(cfg.cache_dir)):
+        source, stores, spec, skipped = load_data(cfg, base, source, facts)
+    spec["weights"] = "none" if base is None and cfg.weights != "imagenet" else cfg.weights
     device = runtime.pick_device(cfg.device)
     precision = runtime.pick_precision(cfg.precision, device)
     channels_last = runtime.use_channels_last(cfg.channels_last, device, precision)
     k = spec["num_classes"]
     train_store, val_store = stores["train"], stores["val"]
-    balance = resolve_balance(cfg, train_store.labels, k)
+    balance = resolve_balance(cfg, train_store.labels, k, facts)
+    model = build(cfg, spec, base).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    train_model = torch.compile(model) if cfg.compile else model
+    optimizer = make_optimizer(cfg, model)
+    split_files = ({s: st.ids for s, st in stores.items()}, {s: st.labels.numpy() for s, st in stores.items()},
+                   source.classes)
+    # everything above validates the settings and the data: only now is the run directory made (or checked)
+    if resume:
+        out = Path(resume)
+        rundir.check_same_splits(out, *split_files)
+        rundir.remove_temporaries(out)
+    else:
+        out = rundir.prepare_run_dir(cfg.out, source.name, source.root, force)
+    cfg.out = str(out)
     resolved = {**cfg.to_dict(), "size": spec["input_size"], "channels": spec["in_chans"], "stem": spec["stem"],
                 "model": spec["arch"], "balance": balance, "device": str(device), "precision": precision,
                 "channels_last": channels_last}
     if not resume:
-        save_yaml(resolved, out / "config.yaml")
-        if the_plan is not None:
-            save_plan(the_plan, out / "plan.yaml")
-            (out / "fingerprint.json").write_text(json.dumps(plain(the_plan["fingerprint"]), indent=2))
-        splits.write_split_file(out / "splits.csv", {s: st.ids for s, st in stores.items()},
-                                {s: st.labels.numpy() for s, st in stores.items()}, source.classes)
-        if skipped:
-            (out / "skipped.txt").write_text("\n".join(skipped) + "\n")
-            print(f"skipped {len(skipped)} unreadable image(s); listed in {out / 'skipped.txt'}")
+        _write_run_files(out, resolved, the_plan, split_files, skipped)
 
-    model = build(cfg, spec, base).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    train_model = torch.compile(model) if cfg.compile else model
-    optimizer = make_optimizer(cfg, model)
-    steps = max(1, len(train_store) // cfg.batch_size)
-    started = time.perf_counter()  # the time budget's clock
+    steps = steps_per_epoch(len(train_store), cfg.batch_size)
+    started = time.perf_counter() - (state or {}).get("elapsed", 0.0)  # the time budget's clock, continued on resume
     budget_used = (lambda: (time.perf_counter() - started) / (cfg.time_budget * 60)) if cfg.time_budget else None
     scheduler = make_scheduler(cfg, optimizer, steps, budget_used)
     weight = class_weights(train_store.labels, k).to(device) if balance == "weight" else None
@@ -256,13 +280,7 @@ def train(config: TrainConfig | dict | None = None, *, force: bool = False, resu
            "scaler": torch.amp.GradScaler(device.type, enabled=precision == "fp16")}
     history, best, start_epoch = [], -math.inf, 0
     if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
-        history, best, start_epoch = state["history"], state["best"], state["epoch"]
-        gen.set_state(state["generator"])
+        history, best, start_epoch = _restore(state, model, ema, optimizer, scheduler, env["scaler"], gen)
     print(f"medclf: {len(train_store)} train / {len(val_store)} val images, {k} classes, {spec['arch']} "
           f"({spec['stem']} stem, {spec['input_size']} px, {spec['in_chans']} ch) on "
           f"{runtime.describe(device, precision, channels_last)} → {out}")
@@ -283,33 +301,55 @@ def train(config: TrainConfig | dict | None = None, *, force: bool = False, resu
             row = {"epoch": epoch + 1, "train_loss": train_loss, **validation_row(probs, val_store.labels.numpy(), spec["classes"]),
                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
             history.append(row)
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(monitor_score(row, cfg.monitor))
             score = monitor_score(row, cfg.monitor)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(score)
             extra = {"config": resolved, "epoch": epoch + 1, "val": {k2: v for k2, v in row.items() if k2.startswith("val_")}}
             if score > best:
                 best, bad_epochs = score, 0
-                torch.save(models.checkpoint_dict(scored, spec, extra), out / "model.pt")
+                atomic.torch_save(models.checkpoint_dict(scored, spec, extra), out / "model.pt")
             else:
                 bad_epochs += 1
-            _save_last(out, model, ema, spec, extra, optimizer, scheduler, history, best, epoch + 1, gen)
+            _save_last(out, model, ema, spec, extra, optimizer, scheduler, env["scaler"],
+                       {"history": history, "best": best, "epoch": epoch + 1, "generator": gen.get_state(),
+                        "elapsed": time.perf_counter() - started})
             write_history(out / "history.csv", history)
             epochs.set_postfix(loss=f"{train_loss:.4f}", **{f"val_{cfg.monitor}": f"{row.get(f'val_{cfg.monitor}', 0) or 0:.4f}"})
             if cfg.patience and bad_epochs >= cfg.patience:
                 stop_reason = f"early stop: no {cfg.monitor} gain in {cfg.patience} epochs"
                 break
             elapsed = time.perf_counter() - started
-            if cfg.time_budget and (elapsed + elapsed / (epoch + 1 - start_epoch) > cfg.time_budget * 60
+            if cfg.time_budget and (elapsed + elapsed / (epoch + 1) > cfg.time_budget * 60
                                     or time.perf_counter() > deadline):
                 stop_reason = f"time budget of {cfg.time_budget:g} min reached"
                 break
     except KeyboardInterrupt:
         epochs.close()
-        raise MedclfError(f"interrupted; the last finished epoch is saved: resume with `medclf train --resume {out}`") from None
+        raise KeyboardInterrupt(_interrupted_message(out)) from None
     epochs.close()
     print(f"{stop_reason} after {len(history)} epoch(s), {time.perf_counter() - started:.0f} s")
+    if not (out / "model.pt").is_file():
+        raise MedclfError(f"training produced no usable checkpoint in {out}: the validation loss was not finite in any "
+                          f"of {len(history)} epoch(s) (the model diverged); try a lower --lr")
     metrics = finish_run(out, stores, spec, cfg, device, precision, channels_last)
     return {"out": str(out), "metrics": metrics, "history": history}
+
+
+def _write_run_files(out: Path, resolved: dict, the_plan: dict | None, split_files: tuple, skipped: list[str]) -> None:
+    save_yaml(resolved, out / "config.yaml")
+    if the_plan is not None:
+        save_plan(the_plan, out / "plan.yaml")
+        atomic.write_text(out / "fingerprint.json", json.dumps(plain(the_plan["fingerprint"]), indent=2))
+    atomic.write_with(out / "splits.csv", lambda tmp: splits.write_split_file(tmp, *split_files))
+    if skipped:
+        atomic.write_text(out / "skipped.txt", "\n".join(skipped) + "\n")
+        print(f"skipped {len(skipped)} unreadable image(s); listed in {out / 'skipped.txt'}")
+
+
+def _interrupted_message(out: Path) -> str:
+    if (out / "last.pt").is_file():
+        return f"the last finished epoch is saved: resume with `medclf train --resume {out}`"
+    return f"no epoch finished, so there is nothing to resume; the same command starts over (it replaces {out})"
 
 
 def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig, device, precision, channels_last) -> dict:
@@ -330,11 +370,9 @@ def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig
         curves[name] = (labels, probs)
     if threshold is not None:  # predict/evaluate reuse the validation threshold
         ckpt["threshold"] = threshold
-        torch.save(ckpt, out / "model.pt")
+        atomic.torch_save(ckpt, out / "model.pt")
     results = json_safe(results)
-    import json
-
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    atomic.write_text(out / "metrics.json", json.dumps(results, indent=2))
     summary = ", ".join(f"{s} acc {r['accuracy']:.4f} auc {r['auc'] if r['auc'] is None else round(r['auc'], 4)}"
                         for s, r in results.items())
     print(f"{summary} → {out}")
@@ -344,15 +382,30 @@ def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig
     return results
 
 
-def _save_last(out, model, ema, spec, extra, optimizer, scheduler, history, best, epoch, gen) -> None:
+def _save_last(out: Path, model, ema, spec: dict, extra: dict, optimizer, scheduler, scaler, progress: dict) -> None:
+    """last.pt: everything --resume needs to continue exactly where this epoch ended (weights, optimizer,
+    schedule, loss scaler, every random stream, the history and the time budget spent)."""
     state = models.checkpoint_dict(model, spec, extra)
-    state.update({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
-                  "best": best, "epoch": epoch, "generator": gen.get_state()})
+    state.update({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                  "scaler": scaler.state_dict(), "rng": runtime.rng_state(), **progress})
     if ema is not None:
         state["ema"] = ema.state_dict()
-    tmp = out / "last.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(out / "last.pt")  # atomic: Ctrl-C during the save never corrupts the last checkpoint
+    atomic.torch_save(state, out / "last.pt")
+
+
+def _restore(state: dict, model, ema, optimizer, scheduler, scaler, gen: torch.Generator) -> tuple[list, float, int]:
+    """Load last.pt into the freshly built objects; returns history, best score and the epochs done."""
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if ema is not None and "ema" in state:
+        ema.load_state_dict(state["ema"])
+    gen.set_state(state["generator"])
+    if "rng" in state:
+        runtime.restore_rng_state(state["rng"])
+    return state["history"], state["best"], state["epoch"]
 
 
 def _epochs_since_best(history: list[dict], monitor: str) -> int:

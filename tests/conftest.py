@@ -68,3 +68,21 @@ def npz_file(tmp_path) -> Path:
 
 
 FAST_FLAGS = ["--epochs", "2", "--batch-size", "16", "--patience", "0"]
+
+
+def interrupt_second_epoch(monkeypatch):
+    """Make training raise KeyboardInterrupt (Ctrl-C) when its second epoch starts; returns the real epoch function."""
+    import importlib
+
+    train_module = importlib.import_module("medclf.train")
+    real = train_module.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    return real

@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 from medclf.cli import main
 from medclf.data.augment import PRESETS
 
-from conftest import FAST_FLAGS, make_split_folder, write_class_folders
+from conftest import FAST_FLAGS, interrupt_second_epoch, make_split_folder, write_class_folders
 
 
 @pytest.fixture(scope="module")
@@ -109,18 +109,9 @@ def test_interrupt_then_resume(tmp_path, monkeypatch, capsys):
     train_module = importlib.import_module("medclf.train")
 
     data = make_split_folder(tmp_path / "d")
-    real = train_module.train_one_epoch
-    calls = {"n": 0}
-
-    def interrupted_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_second_epoch)
+    real = interrupt_second_epoch(monkeypatch)
     run = tmp_path / "run"
-    assert main(["train", str(data), *FAST_FLAGS, "--epochs", "3", "--out", str(run)]) == 2
+    assert main(["train", str(data), *FAST_FLAGS, "--epochs", "3", "--out", str(run)]) == 130  # Ctrl-C, as shells expect
     assert "resume with `medclf train --resume" in capsys.readouterr().err
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(train_module, "train_one_epoch", real)
