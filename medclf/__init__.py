@@ -1,12 +1,12 @@
 """medclf: from a labelled set of medical images to a trained, evaluated, explained classifier."""
-from .compare import compare
+from .comparison import compare
 from .config import TrainConfig
 from .errors import MedclfError
-from .evaluate import evaluate, predict
-from .explain import explain
-from .plan import plan
+from .evaluation import evaluate, predict
+from .explanation import explain
+from .planning import plan
 from .reporting.run_report import report
-from .train import train
+from .training import train
 
 __version__ = "0.1.0"
 __all__ = ["train", "plan", "evaluate", "predict", "compare", "report", "explain", "TrainConfig", "MedclfError", "__version__"]

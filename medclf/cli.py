@@ -60,7 +60,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_const", const=True, help="skip unreadable images (listed in the run)")
     p.add_argument("--no-cache", dest="cache", action="store_const", const=False, help="do not cache decoded images")
     p.add_argument("--cache-dir", help="decoded-image cache (default $MEDCLF_DATA/stores)")
-    p.add_argument("--out", help="run directory (default runs/<timestamp>-<data>)")
+    p.add_argument("--out", help="run directory (default runs/<timestamp>-<data>-<6 hex>)")
 
 
 def add_inference_flags(p: argparse.ArgumentParser) -> None:

@@ -55,6 +55,8 @@ class Interval:
         return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # checked before any data is read; availability later
+
 RANGES = {
     "size": Interval(8),
     "epochs": Interval(1),
@@ -162,6 +164,8 @@ def check_setting(name: str, value: Any) -> Any:
                           f"(got {_shown(value)})")
     if name in RANGES and value not in RANGES[name]:
         raise MedclfError(f"{setting_label(name)} must be {RANGES[name]} (got {_shown(value)})")
+    if name == "device" and not DEVICE_PATTERN.fullmatch(value):
+        raise MedclfError(f"{setting_label(name)} must be auto, cpu, cuda, cuda:N or mps (got {_shown(value)})")
     return value
 
 

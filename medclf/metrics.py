@@ -16,7 +16,6 @@ resamples, and tested equal to scikit-learn. Classes the model knows but the ima
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
@@ -175,13 +174,3 @@ def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray, classes: list[st
                                **{k: at[k] for k in ("accuracy", "balanced_accuracy", "f1_macro", "per_class", "confusion_matrix")}}
     return result
 
-
-def json_safe(value):
-    """Replace nan/inf by None so metrics.json stays valid JSON."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

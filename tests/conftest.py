@@ -72,9 +72,8 @@ FAST_FLAGS = ["--epochs", "2", "--batch-size", "16", "--patience", "0"]
 
 def interrupt_second_epoch(monkeypatch):
     """Make training raise KeyboardInterrupt (Ctrl-C) when its second epoch starts; returns the real epoch function."""
-    import importlib
+    from medclf import training as train_module
 
-    train_module = importlib.import_module("medclf.train")
     real = train_module.train_one_epoch
     calls = {"n": 0}
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 POINTS = {"decode": ("medclf.data.store", "decode_image"), "cache": ("numpy", "save"),
-          "batch": ("medclf.train", "prepare_batch"), "checkpoint": ("torch", "save")}
+          "batch": ("medclf.training", "prepare_batch"), "checkpoint": ("torch", "save")}
 
 
 def arm(point: str, nth: int, sig: int) -> None:

@@ -5,7 +5,6 @@ stderr line that names the offending flag, key or file, with no traceback. Valid
 any image is decoded, so the table runs in seconds.
 """
 import ast
-import importlib
 import pathlib
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 import yaml
 
 import medclf
-from medclf import models
+from medclf import evaluation, models
 from medclf.cli import main
 
 from conftest import make_split_folder
@@ -158,6 +157,9 @@ ROWS = [
     pytest.param(train_flags("--epochs", "2.5", needle="argument --epochs: invalid int value"), id="epochs-fraction"),
     pytest.param(train_flags("--channels", "2", needle="argument --channels"), id="channels"),
     pytest.param(train_flags("--channels-last", "maybe", needle="--channels-last"), id="bool-flag"),
+    pytest.param(train_flags("--device", "gpu0", needle="--device must be auto, cpu, cuda, cuda:N or mps"), id="device"),
+    pytest.param(plain_argv("compare", "DATA", "--weights", "none,imagenet", "--seed", str(2**32 - 2), "--seeds", "3",
+                            needle="would reach seed"), id="compare-seed-overflow"),
     pytest.param(train_flags("--model", "vgg", needle="argument --model: invalid choice"), id="model"),
     pytest.param(train_flags("--colour", "red", needle="unrecognized arguments: --colour"), id="unknown-flag"),
     pytest.param(plain_argv("train", needle="give DATA, --config or --resume"), id="no-data"),
@@ -319,7 +321,7 @@ def test_internal_errors_keep_their_traceback(data, monkeypatch):
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(importlib.import_module("medclf.evaluate"), "_split_store", broken)
+    monkeypatch.setattr(evaluation, "split_store", broken)
     path = data.parent / "good.pt"
     torch.save(valid_checkpoint(), path)
     with pytest.raises(ZeroDivisionError):

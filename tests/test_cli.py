@@ -104,9 +104,8 @@ def test_existing_run_directory_is_not_overwritten(trained, capsys):
 
 
 def test_interrupt_then_resume(tmp_path, monkeypatch, capsys):
-    import importlib
+    from medclf import training as train_module
 
-    train_module = importlib.import_module("medclf.train")
 
     data = make_split_folder(tmp_path / "d")
     real = interrupt_second_epoch(monkeypatch)

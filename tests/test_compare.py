@@ -12,13 +12,13 @@ from sklearn.metrics import roc_auc_score
 from medclf import metrics as M
 from medclf import models
 from medclf.cli import main
-from medclf.compare import fixed_splits, pair_tests, resolve_arms, summary_text
+from medclf.comparison import fixed_splits, pair_tests, resolve_arms, summary_text
 from medclf.data import sources
 from medclf.errors import MedclfError
 from medclf.stats import delong_auc_test, mcnemar_test
 
 from conftest import FAST_FLAGS, make_split_folder, write_class_folders
-from htmlcheck import CHROMIUM, assert_self_contained, check_numbers, injected, parse, render
+from htmlcheck import CHROMIUM, REQUIRED, needs_chromium, assert_self_contained, check_numbers, injected, parse, render
 
 PAIR_KEYS = {"a", "b", "metric", "difference", "ci95", "p_value"}
 
@@ -228,7 +228,7 @@ def test_comparison_html_is_self_contained_and_matches_the_json(compared):
         assert heading in text
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install chromium)")
+@needs_chromium
 def test_comparison_renders_in_chromium(compared, tmp_path):
     _, out, result = compared
     dom, images = render(out / "comparison.html", tmp_path)
@@ -249,7 +249,7 @@ def test_rerun_reuses_finished_runs(compared, capsys):
 
 def _synthetic_page(tmp_path, classes):
     """The page alone, from synthetic predictions of three arms; (page path, comparison result)."""
-    from medclf.metrics import json_safe
+    from medclf.serialize import json_safe
     from medclf.reporting.comparison import write_comparison_html
     from medclf.stats import mean_std
 
@@ -287,7 +287,7 @@ def test_comparison_page_escapes_class_names(tmp_path):
     page, _ = _synthetic_page(tmp_path, HOSTILE)
     text = page.read_text()
     assert injected(text) == [] and HOSTILE[0] not in text and "sensitivity (&lt;img src=x" in text
-    if CHROMIUM is not None:
+    if CHROMIUM is not None or REQUIRED:
         dom, images = render(page, tmp_path)
         assert [e for e in injected(dom) if e[0] != "script"] == [] and dom.count("<script") == 1
         assert "sensitivity (&lt;img src=x onerror=alert(1)&gt;)" in dom and "sensitivity (dose$\\foo$)" in dom

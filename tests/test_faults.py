@@ -5,7 +5,6 @@ After each fault every file medclf left is complete and loadable or absent, and 
 """
 import csv
 import errno
-import importlib
 import os
 import random
 import shutil
@@ -18,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from medclf import training
 from medclf.cli import main
 
 from conftest import FAST_FLAGS, interrupt_second_epoch, make_split_folder
 
-train_module = importlib.import_module("medclf.train")
+train_module = training
 RUNNER = Path(__file__).with_name("fault_runner.py")
 REPO = Path(__file__).resolve().parents[1]
 

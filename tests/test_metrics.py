@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from medclf.metrics import (HEADLINE, classification_metrics, evaluate_predictions, json_safe, metric_functions,
+from medclf.serialize import json_safe
+from medclf.metrics import (HEADLINE, classification_metrics, evaluate_predictions, metric_functions,
                             youden_threshold)
 
 

@@ -1,5 +1,4 @@
 """The self-configuring plan: fingerprint, choices, plan.yaml, flags over the plan, a bounded probe."""
-import importlib
 import json
 import time
 
@@ -12,10 +11,11 @@ import medclf
 from medclf.cli import main
 from medclf.config import TrainConfig
 from medclf.data import sources
+from medclf import planning, training
 
 from conftest import FAST_FLAGS, make_image, make_split_folder, write_class_folders
 
-plan_module = importlib.import_module("medclf.plan")  # the module; `medclf.plan` is the function
+plan_module = planning
 
 
 def _fp(side: int, n_train: int = 5000, k: int = 2, kind: str = "npz", imbalance: float = 1.0) -> dict:
@@ -164,7 +164,7 @@ def test_config_rerun_does_not_replan(tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert main(["train", str(data), *FAST_FLAGS, "--epochs", "1", "--out", str(run)]) == 0
     monkeypatch.setattr(plan_module, "make_plan", lambda *a, **k: pytest.fail("re-planned a fully set config"))
-    train_module = importlib.import_module("medclf.train")
+    train_module = training
 
     monkeypatch.setattr(train_module, "make_plan", lambda *a, **k: pytest.fail("re-planned a fully set config"))
     assert main(["train", "--config", str(run / "config.yaml"), "--out", str(tmp_path / "again")]) == 0
@@ -197,7 +197,7 @@ def test_fixed_epochs_skip_the_probe(tmp_path, monkeypatch):
 
 def test_cosine_follows_the_clock_when_the_budget_binds():
     import torch
-    from medclf.train import make_scheduler
+    from medclf.training import make_scheduler
 
     def lrs(budget_used):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -14,15 +14,13 @@ from medclf import models
 from medclf.cli import main
 
 from conftest import FAST_FLAGS, make_image, make_split_folder, write_class_folders
-from htmlcheck import CHROMIUM, assert_self_contained, check_numbers, injected, parse, render
+from htmlcheck import needs_chromium, assert_self_contained, check_numbers, injected, parse, render
 
 
 @pytest.fixture(scope="module")
 def run_without_report(tmp_path_factory):
     """A run whose report failed during training: the run must survive, and `medclf report` make it."""
-    import importlib
-
-    report_module = importlib.import_module("medclf.reporting.run_report")
+    from medclf.reporting import run_report as report_module
     base = tmp_path_factory.mktemp("report")
     data = make_split_folder(base / "xray")
     run = base / "run"
@@ -75,7 +73,7 @@ def test_report_with_moved_data_and_other_out(run_without_report, tmp_path, caps
     assert "no model.pt" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install chromium)")
+@needs_chromium
 def test_report_renders_in_chromium(run_without_report, tmp_path):
     _, run, _ = run_without_report
     if not (run / "report.html").is_file():
@@ -170,7 +168,7 @@ def test_class_names_are_escaped_in_the_report(hostile_run):
     assert html.escape(HOSTILE[0]) in text
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install chromium)")
+@needs_chromium
 def test_class_names_show_as_text_in_chromium(hostile_run, tmp_path):
     _, run, _ = hostile_run
     dom, images = render(run / "report.html", tmp_path)
@@ -181,8 +179,7 @@ def test_class_names_show_as_text_in_chromium(hostile_run, tmp_path):
 
 def test_three_class_model_on_two_classes_agrees_everywhere(tmp_path):
     """metrics.json, history.csv, the report and compare give one AUC and macro F1 when a class is absent."""
-    from medclf import metrics as M
-    from medclf.compare import evaluate_arms
+    from medclf.comparison import evaluate_arms
 
     rng = np.random.default_rng(0)
     arrays = {}

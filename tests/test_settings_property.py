@@ -15,7 +15,7 @@ from medclf import runtime
 from medclf.cli import main
 from medclf.config import TrainConfig, setting_label
 from medclf.errors import MedclfError
-from medclf.train import make_optimizer, make_scheduler
+from medclf.training import make_optimizer, make_scheduler
 
 from conftest import write_class_folders
 

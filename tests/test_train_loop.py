@@ -1,6 +1,5 @@
 """The training loop's arithmetic and promises: LR schedule, plateau rule, plan facts, run directories, compare's split."""
 import csv
-import importlib
 import math
 import os
 from datetime import datetime
@@ -9,16 +8,16 @@ import pytest
 import torch
 
 import medclf
-from medclf import rundir
+from medclf import rundir, training
 from medclf.cli import main
-from medclf.compare import fixed_splits
+from medclf.comparison import fixed_splits
 from medclf.config import TrainConfig
 from medclf.errors import MedclfError
-from medclf.plan import make_plan, steps_per_epoch
+from medclf.planning import make_plan, steps_per_epoch
 
 from conftest import FAST_FLAGS, interrupt_second_epoch, make_split_folder, write_class_folders
 
-train_module = importlib.import_module("medclf.train")
+train_module = training
 
 
 # ---------------------------------------------------------------- schedule

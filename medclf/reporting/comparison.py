@@ -1,6 +1,6 @@
 """comparison.html: one self-contained page from comparison.json and the runs' histories, and its summary text.
 
-Reads only the comparison's numbers (it never imports medclf.compare, which imports it).
+Reads only the comparison's numbers (it never imports medclf.comparison, which imports it).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import inference, metrics, runtime
+from .. import inference, metrics, runtime, serialize
 from ..config import load_yaml
 from ..data.store import Store
 from ..errors import MedclfError
@@ -53,7 +53,7 @@ def report(run: str | Path, data: str | None = None, out: str | Path | None = No
         if probs is None:
             probs = loaded.predict(store, tta=bool(config.get("tta")))
         labels = store.labels.numpy()
-        split_metrics = metrics.json_safe(metrics.evaluate_predictions(labels, probs, classes, ckpt.get("threshold")))
+        split_metrics = serialize.json_safe(metrics.evaluate_predictions(labels, probs, classes, ckpt.get("threshold")))
         evaluated[split] = {"store": store, "labels": labels, "probs": probs, "metrics": split_metrics}
     if not evaluated:
         raise MedclfError(f"{data} has neither a val nor a test split to report on")

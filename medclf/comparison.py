@@ -18,14 +18,15 @@ from typing import Any
 import numpy as np
 
 from . import atomic, metrics
-from .config import TrainConfig, load_yaml
+from .config import RANGES, TrainConfig, load_yaml
 from .data import sources
 from .errors import MedclfError
 from .inference import load_for_inference, split_store
-from .metrics import evaluate_predictions, json_safe
+from .metrics import evaluate_predictions
+from .serialize import json_safe
 from .reporting.comparison import summary_text, write_comparison_html
 from .stats import delong_auc_test, mcnemar_test, mean_std, paired_bootstrap_diff
-from .train import train
+from .training import train
 
 NOT_COMPARED = {"device", "precision", "channels_last", "compile", "cache", "cache_dir", "out", "skip_bad"}
 NOT_PER_ARM = {"data", "out", "seed"}
@@ -47,6 +48,9 @@ def compare(data: str, weights: str | list[str] | None = None, arms: str | Path 
         raise MedclfError("give the comparison folder as out=, not as a train flag")
     arm_flags = resolve_arms(weights, arms, common)
     base_seed = int(common.pop("seed", 0))
+    if base_seed + seeds - 1 > RANGES["seed"].high:  # refused before the first arm trains, not at the last
+        raise MedclfError(f"--seed {base_seed} with --seeds {seeds} would reach seed {base_seed + seeds - 1}; "
+                          f"seeds go up to {RANGES['seed'].high}")
     defaults = TrainConfig()
     out = Path(out) if out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-compare-{Path(str(data)).stem}"
     out.mkdir(parents=True, exist_ok=True)

@@ -15,15 +15,16 @@ from torch import nn
 from tqdm import tqdm
 
 from . import atomic, models, rundir, runtime
-from .plan import PLANNED, balance_for, fingerprint, format_plan, make_plan, plain, save_plan, steps_per_epoch
+from .planning import PLANNED, balance_for, fingerprint, format_plan, make_plan, save_plan, steps_per_epoch
 from .config import TrainConfig, load_yaml, save_yaml
 from .data import sources, splits
 from .data.augment import PRESETS, prepare_batch
 from .data.store import Store, build_store, cache_root, native_size, probe_channels
 from .errors import MedclfError
-from .evaluate import choose_threshold
+from .evaluation import choose_threshold
 from .inference import predict_store
-from .metrics import evaluate_predictions, json_safe
+from .metrics import evaluate_predictions
+from .serialize import json_safe, plain
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_auc",
                    "val_f1_macro", "lr", "seconds"]

@@ -22,8 +22,9 @@ from . import models, runtime
 from .config import TrainConfig, check_settings, save_yaml
 from .data import sources
 from .data.augment import PRESETS, prepare_batch
-from .data.store import native_size, probe_channels
+from .data.store import probe_channels
 from .errors import MedclfError
+from .serialize import plain
 
 # settings the plan decides; everything else keeps its TrainConfig default
 MIN_VAL_FOR_AUC = 300  # fewer validation images: AUC's standard error (~0.01 at n = 100, AUC 0.98) exceeds epoch-to-epoch gains
@@ -398,16 +399,5 @@ def save_plan(result: dict[str, Any], path: str | Path) -> None:
     save_yaml(plain(data), path)
 
 
-def plain(value: Any) -> Any:
-    """YAML-safe copy: numpy scalars to Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-__all__ = ["fingerprint", "probe", "make_plan", "plan", "format_plan", "save_plan", "plain", "PLANNED", "steps_per_epoch",
+__all__ = ["fingerprint", "probe", "make_plan", "plan", "format_plan", "save_plan", "PLANNED", "steps_per_epoch",
            "balance_for"]

@@ -10,7 +10,8 @@ import numpy as np
 from . import atomic
 from .errors import MedclfError
 from .inference import input_store, load_for_inference, split_store
-from .metrics import evaluate_predictions, json_safe, youden_threshold
+from .metrics import evaluate_predictions, youden_threshold
+from .serialize import json_safe
 
 
 def evaluate(run_or_model: str, data: str, split: str = "test", tta: bool = False, out: str | None = None,
