@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from .config import CHOICES, TrainConfig
@@ -193,8 +194,8 @@ def cache_command(action: str, cache_dir: str | None, max_size_gb: float | None)
             print(f"{e.path.name}  {cache.human_bytes(e.nbytes):>9}  used {used}  {what}")
         print(f"{len(stores)} store(s), {cache.human_bytes(cache.total_bytes(root))} in {root}")
         return
-    if action == "prune" and (max_size_gb is None or max_size_gb < 0):
-        raise MedclfError("cache prune needs --max-size GB (0 or more): the size to evict down to")
+    if action == "prune" and (max_size_gb is None or not math.isfinite(max_size_gb) or max_size_gb < 0):
+        raise MedclfError("cache prune needs --max-size GB (a finite number, 0 or more): the size to evict down to")
     if action == "clear":
         removed, freed = cache.clear(root)
     else:

@@ -71,7 +71,7 @@ def test_accepted_settings_work_in_pytorch(**values):
         return
     model = nn.Linear(3, 2)
     optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=3)
+    scheduler = make_scheduler(cfg, optimizer, 3)  # 3 optimizer steps per epoch
     loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)(model(torch.ones(4, 3)), torch.tensor([0, 1, 0, 1]))
     assert torch.isfinite(loss)
     peak = optimizer.param_groups[0]["initial_lr"]

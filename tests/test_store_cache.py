@@ -243,8 +243,26 @@ def test_cache_hit_counts_as_use_for_pruning(split_folder, tmp_path):
 
 def test_cache_prune_needs_max_size(capsys):
     assert main(["cache", "prune"]) == 2
-    assert capsys.readouterr().err.strip() == ("medclf: error: cache prune needs --max-size GB (0 or more): "
-                                               "the size to evict down to")
+    assert capsys.readouterr().err.strip() == ("medclf: error: cache prune needs --max-size GB (a finite number, 0 or "
+                                               "more): the size to evict down to")
+    assert main(["cache", "prune", "--max-size", "nan"]) == 2
+    assert "--max-size GB (a finite number" in capsys.readouterr().err
+
+
+def test_cache_clear_never_deletes_folders_it_did_not_make(split_folder, tmp_path):
+    """--cache-dir may point at a folder of the user's: clear/prune remove medclf's stores only."""
+    root = tmp_path / "c"
+    val, test = _two_stores(split_folder, root)
+    (root / "Documents").mkdir()
+    (root / "Documents" / "thesis.txt").write_text("mine")
+    lookalike = root / ("0" * 20)  # named like a store but holding a user's file
+    lookalike.mkdir()
+    (lookalike / "notes.txt").write_text("mine too")
+    (root / ".tmp-notes").mkdir()
+    assert main(["cache", "clear", "--cache-dir", str(root)]) == 0
+    assert not val.exists() and not test.exists()
+    assert (root / "Documents" / "thesis.txt").read_text() == "mine"
+    assert (lookalike / "notes.txt").read_text() == "mine too" and (root / ".tmp-notes").is_dir()
 
 
 def test_datasets_shows_the_cache_size(split_folder, capsys):

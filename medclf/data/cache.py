@@ -37,6 +37,7 @@ CONTENT_HASH_MAX_BYTES = 64 << 20  # hashing this much costs well under the deco
 STALE_TMP_SECONDS = 2 * 24 * 3600  # no decode runs this long: an older temporary store is an orphan
 TMP_PREFIX = ".tmp-"
 _TMP_NAME = re.compile(r"^\.tmp-(\d+)@(.*)\.[^.]+$")
+_OLD_TMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}")  # tempfile.mkdtemp(prefix=".tmp-") names of earlier medclf versions
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -139,7 +140,7 @@ def remove_stale_tmps(root: Path) -> int:
 
 def _tmp_dirs(root: Path) -> list[Path]:
     try:
-        return [p for p in root.iterdir() if p.is_dir() and p.name.startswith(TMP_PREFIX)]
+        return [p for p in root.iterdir() if p.is_dir() and (_TMP_NAME.match(p.name) or _OLD_TMP_NAME.fullmatch(p.name))]
     except OSError:
         return []
 
@@ -158,11 +159,28 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+STORE_FILES = frozenset({"images.npy", "meta.json"})
+_KEY_NAME = re.compile(r"[0-9a-f]{20}")  # cache_key's form: only such folders are stores
+
+
+def is_store_folder(folder: Path) -> bool:
+    """A folder medclf made as a store: named like a cache key, holding nothing but a store's files.
+
+    `clear` and `prune` delete only such folders, so a --cache-dir pointed at a folder of the user's
+    never loses the user's files."""
+    if not (_KEY_NAME.fullmatch(folder.name) and folder.is_dir()):
+        return False
+    try:
+        return {p.name for p in folder.iterdir()} <= STORE_FILES
+    except OSError:
+        return False
+
+
 def entries(root: Path) -> list[Entry]:
-    """Every complete store under root, least recently used first."""
+    """Every store under root (complete or half-deleted), least recently used first; other folders are not ours."""
     found = []
     try:
-        folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        folders = [p for p in root.iterdir() if is_store_folder(p)]
     except OSError:
         return []
     for folder in folders:
