@@ -59,10 +59,20 @@ def is_disk_full(exc: BaseException, where: str | os.PathLike | None = None) -> 
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path`, on any failure it is removed."""
+def atomic_path(path: str | os.PathLike, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on any failure it is removed.
+
+    A missing parent folder is created (an --out path into a new folder is clearly meant). `needed`
+    (bytes, an estimate) goes into the disk-full message. A path that cannot be written at all
+    (a parent that is a file, no permission) is one MedclfError line."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path, needed) from None
+        raise MedclfError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -72,13 +82,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         full = is_disk_full(exc, path.parent)  # before the partial file frees its space
         tmp_path.unlink(missing_ok=True)
         if full:
-            raise disk_full_error(path) from None
+            raise disk_full_error(path, needed) from None
+        if isinstance(exc, IsADirectoryError):
+            raise MedclfError(f"cannot write {path}: it is a folder; give a file name") from None
         raise
 
 
-def write_with(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+def write_with(path: str | os.PathLike, write: Callable[[Path], Any], needed: int | None = None) -> Path:
     """Call write(tmp_path) and move the result over path atomically."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed) as tmp:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -86,17 +98,30 @@ def write_with(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    return write_with(path, lambda tmp: tmp.write_text(text))
+    return write_with(path, lambda tmp: tmp.write_text(text), needed=len(text.encode()))
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    return write_with(path, lambda tmp: tmp.write_bytes(data))
+    return write_with(path, lambda tmp: tmp.write_bytes(data), needed=len(data))
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors inside a (nested) checkpoint dict: about the size torch.save writes."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
-    return write_with(path, lambda tmp: torch.save(obj, tmp))
+    return write_with(path, lambda tmp: torch.save(obj, tmp), needed=tensor_bytes(obj))
 
 
 @contextlib.contextmanager

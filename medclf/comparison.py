@@ -11,13 +11,12 @@ import os
 import re
 import shutil
 import tempfile
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import atomic, metrics
+from . import atomic, metrics, rundir
 from .config import RANGES, TrainConfig, load_yaml
 from .data import sources
 from .errors import MedclfError
@@ -52,7 +51,7 @@ def compare(data: str, weights: str | list[str] | None = None, arms: str | Path 
         raise MedclfError(f"--seed {base_seed} with --seeds {seeds} would reach seed {base_seed + seeds - 1}; "
                           f"seeds go up to {RANGES['seed'].high}")
     defaults = TrainConfig()
-    out = Path(out) if out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-compare-{Path(str(data)).stem}"
+    out = Path(out) if out else rundir.default_run_dir(f"compare-{Path(str(data)).stem}")
     out.mkdir(parents=True, exist_ok=True)
     data_used, split_note = fixed_splits(data, out, base_seed, common.get("val_fraction", defaults.val_fraction),
                                          common.get("test_fraction", defaults.test_fraction), force=force)

@@ -51,12 +51,16 @@ def prepare_run_dir(out: str | Path | None, data_name: str, data_root: str | Pat
         example = foreign[0] if foreign else f"no {MARKER}"
         raise MedclfError(f"--out {path} exists and is not a medclf run ({example}); --force only replaces "
                           f"run directories: choose another --out")
-    if not (path / "last.pt").is_file():
+    if not any((path / name).is_file() for name in FINISHED_EPOCH_FILES):
         print(f"medclf: {path} holds no finished epoch; replacing it")
     elif not force:
         raise MedclfError(f"run directory {path} exists; pass --force to overwrite it or --resume {path} to continue")
     clear_run_files(path)
     return path
+
+
+# any of these means an epoch finished (a finished run may have had its last.pt deleted to save space)
+FINISHED_EPOCH_FILES = ("last.pt", "model.pt", "metrics.json", "history.csv")
 
 
 def _is_run_file(path: Path) -> bool:

@@ -281,7 +281,7 @@ def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool
            "scaler": torch.amp.GradScaler(device.type, enabled=precision == "fp16")}
     history, best, start_epoch = [], -math.inf, 0
     if state is not None:
-        history, best, start_epoch = _restore(state, model, ema, optimizer, scheduler, env["scaler"], gen)
+        history, best, start_epoch = _restore(state, model, ema, optimizer, scheduler, env["scaler"], gen, out)
     print(f"medclf: {len(train_store)} train / {len(val_store)} val images, {k} classes, {spec['arch']} "
           f"({spec['stem']} stem, {spec['input_size']} px, {spec['in_chans']} ch) on "
           f"{runtime.describe(device, precision, channels_last)} → {out}")
@@ -394,8 +394,20 @@ def _save_last(out: Path, model, ema, spec: dict, extra: dict, optimizer, schedu
     atomic.torch_save(state, out / "last.pt")
 
 
-def _restore(state: dict, model, ema, optimizer, scheduler, scaler, gen: torch.Generator) -> tuple[list, float, int]:
-    """Load last.pt into the freshly built objects; returns history, best score and the epochs done."""
+def _restore(state: dict, model, ema, optimizer, scheduler, scaler, gen: torch.Generator, run: Path
+             ) -> tuple[list, float, int]:
+    """Load last.pt into the freshly built objects; returns history, best score and the epochs done.
+
+    last.pt passed the resume schema; what PyTorch's loaders still refuse (a state from other settings
+    or a damaged file) is a problem with that file, so it is one line naming it."""
+    try:
+        return _load_state(state, model, ema, optimizer, scheduler, scaler, gen)
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise MedclfError(f"cannot resume {run}: last.pt does not fit this run ({type(exc).__name__}: {first})") from None
+
+
+def _load_state(state: dict, model, ema, optimizer, scheduler, scaler, gen: torch.Generator) -> tuple[list, float, int]:
     model.load_state_dict(state["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

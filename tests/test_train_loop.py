@@ -2,6 +2,7 @@
 import csv
 import math
 import os
+import shutil
 from datetime import datetime
 
 import pytest
@@ -138,6 +139,17 @@ def test_force_keeps_a_run_directory_with_a_user_file(finished, capsys):
         (run / "notes.txt").unlink()
 
 
+def test_a_finished_run_without_last_pt_still_needs_force(finished, tmp_path, capsys):
+    """Deleting last.pt to save space does not make a finished run replaceable without --force."""
+    data, run = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "last.pt").unlink()
+    before = _tree(copy)
+    _refused(["train", str(data), *FAST_FLAGS, "--out", str(copy)], capsys, "--force")
+    assert _tree(copy) == before
+
+
 def test_force_never_replaces_the_current_folder(finished, tmp_path, monkeypatch, capsys):
     data, _ = finished
     (tmp_path / "thesis.tex").write_text("years of work")
@@ -251,3 +263,19 @@ def test_compare_npz_split_records_its_data(tmp_path, npz_file):
     assert set(np.load(used).files) >= {"train_images", "val_images", "test_images"}
     with pytest.raises(MedclfError, match="other data"):
         fixed_splits(str(tmp_path / "other2.npz"), out, 0, 0.1, 0.1)
+
+
+def test_resume_state_that_does_not_fit_is_one_line(tmp_path, monkeypatch, capsys):
+    """last.pt that passes the schema but that PyTorch's loaders refuse (a foreign scheduler state) is one line."""
+    data = make_split_folder(tmp_path / "d")
+    run = tmp_path / "run"
+    real = interrupt_second_epoch(monkeypatch)
+    assert main(["train", str(data), *FAST_FLAGS, "--epochs", "2", "--out", str(run)]) == 130
+    monkeypatch.setattr(training, "train_one_epoch", real)
+    state = torch.load(run / "last.pt", weights_only=True)
+    state["scheduler"] = {"bogus": 1}
+    torch.save(state, run / "last.pt")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"medclf: error: cannot resume {run}: last.pt does not fit this run"), err
