@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -111,6 +110,8 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, cmap: str =
     height, width = rgb.shape[:2]
     if cam.shape != (height, width):
         cam = np.asarray(Image.fromarray(cam).resize((width, height), Image.Resampling.BILINEAR))
+    import matplotlib  # imported where drawn: `import medclf` stays free of plotting code
+
     heat = matplotlib.colormaps[cmap](np.clip(cam, 0.0, 1.0))[..., :3] * 255.0
     blend = (1.0 - alpha) * rgb.astype(np.float32) + alpha * heat
     return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
