@@ -11,14 +11,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from medclf import training
 from medclf.cli import main
+from medclf.data import cache as disk_cache
+from medclf.data import store
 
 from conftest import FAST_FLAGS, interrupt_second_epoch, make_split_folder
 
@@ -28,9 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def medclf(*argv, fault: str | None = None, kill_after: float | None = None) -> int:
-    """Run `medclf ARGV` in a child process; `fault` arms fault_runner, `kill_after` SIGKILLs it after that many seconds."""
+    """Run `medclf ARGV` in a child process; `fault` arms fault_runner (and must fire), `kill_after` SIGKILLs the
+    child after that many seconds."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     env.pop("MEDCLF_TEST_FAULT", None)
+    fd, log = tempfile.mkstemp(prefix="medclf-fault-", suffix=".log")  # outside the test's folders
+    os.close(fd)
+    env["MEDCLF_TEST_FAULT_LOG"] = log
     if fault:
         env["MEDCLF_TEST_FAULT"] = fault
     child = subprocess.Popen([sys.executable, str(RUNNER), *map(str, argv)], env=env,
@@ -40,8 +46,13 @@ def medclf(*argv, fault: str | None = None, kill_after: float | None = None) -> 
     except subprocess.TimeoutExpired:
         child.kill()
         _, err = child.communicate()
+    fired = Path(log).read_text().split()
+    os.unlink(log)
     if child.returncode not in (0, 130, -signal.SIGKILL):
         raise AssertionError(f"medclf {' '.join(map(str, argv))} exited {child.returncode}:\n{err[-3000:]}")
+    if fault:  # the fault must have fired where it was meant to, not merely been armed
+        point, nth, _ = fault.split(":")
+        assert fired == [f"{point}:{nth}"], f"fault {fault} never fired (exit {child.returncode}):\n{err[-3000:]}"
     return child.returncode
 
 
@@ -69,23 +80,44 @@ def snapshot(root: Path, skip: list[Path]) -> dict:
             if p.is_file() and not any(s == p or s in p.parents for s in skip)}
 
 
-def test_sigkill_at_random_moments_then_resume_finishes(tmp_path, monkeypatch):
+def temporary_stores(stores: Path) -> list[Path]:
+    return sorted(p for p in stores.iterdir() if p.name.startswith(disk_cache.TMP_PREFIX)) if stores.is_dir() else []
+
+
+def finished_stores(stores: Path) -> list[Path]:
+    return sorted(p for p in stores.iterdir() if disk_cache.is_store_folder(p)) if stores.is_dir() else []
+
+
+def test_sigkill_at_chosen_and_random_moments_then_resume_finishes(tmp_path, monkeypatch):
     data = make_split_folder(tmp_path / "xray")
     run, cache = tmp_path / "run", tmp_path / "cache"
     monkeypatch.setenv("MEDCLF_DATA", str(cache))  # a cache of its own, so the cache writes happen here
+    stores = cache / "stores"
     before = snapshot(tmp_path, [run, cache])
-    # decoding, the cache write, epoch 1's model.pt, a batch of epoch 2, a checkpoint of the resumed run
-    faults = ["decode:20:KILL", "cache:1:KILL", "checkpoint:1:KILL", "batch:5:KILL", "checkpoint:2:KILL"]
+    # each fires (medclf() checks), in this order; what a user runs next follows from what the kill left
+    chosen = ["decode:20:KILL",     # decoding train into the reserved images.npy of a temporary cache folder
+              "cache:1:KILL",       # train's store flushed and described, just before its folder is renamed in
+              "checkpoint:1:KILL",  # epoch 1's model.pt, cut short in its temporary file
+              "batch:5:KILL",       # the second batch of epoch 2 (3 batches an epoch)
+              "checkpoint:2:KILL"]  # the resumed run's second checkpoint
+    for fault in chosen:
+        assert medclf(*next_command(run, data, 3), fault=fault) == -signal.SIGKILL, fault
+        assert_artifacts_whole(run)
+        if fault.startswith("decode"):  # killed mid-write: a half-filled temporary store, no store
+            (tmp,) = temporary_stores(stores)
+            assert (tmp / "images.npy").is_file() and not (tmp / "meta.json").exists() and not finished_stores(stores)
+        if fault.startswith("cache"):  # killed before the rename: complete-looking, but never taken as a store
+            (tmp,) = temporary_stores(stores)  # the previous run's orphan is gone
+            assert (tmp / "meta.json").is_file() and not finished_stores(stores)
     rng = random.Random(0)
-    kills, finished = 0, False
-    for fault in faults + [None, None]:
-        delay = None if fault else rng.uniform(4, 12)  # the last two: SIGKILL after a random delay
-        rc = medclf(*next_command(run, data, 3), fault=fault, kill_after=delay)
-        kills += rc == -signal.SIGKILL
+    kills, finished = len(chosen), False
+    for delay in (rng.uniform(4, 12), rng.uniform(4, 12)):  # then SIGKILL after a random delay, twice
+        rc = medclf(*next_command(run, data, 3), kill_after=delay)
         assert_artifacts_whole(run)
         if rc == 0:
             finished = True
             break
+        kills += 1
     assert kills >= 5
     if not finished:
         assert medclf(*next_command(run, data, 3)) == 0
@@ -93,25 +125,49 @@ def test_sigkill_at_random_moments_then_resume_finishes(tmp_path, monkeypatch):
     assert [int(r["epoch"]) for r in history] == [1, 2, 3]
     assert (run / "metrics.json").is_file() and not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     assert_artifacts_whole(run)
+    assert not temporary_stores(stores) and len(finished_stores(stores)) == 3  # orphans removed; every split cached
     assert snapshot(tmp_path, [run, cache]) == before  # nothing outside the run and the cache changed
 
 
-def test_resume_after_sigint_and_sigkill_matches_an_uninterrupted_run(tmp_path):
-    data = make_split_folder(tmp_path / "xray")
-    flags = [*FAST_FLAGS, "--epochs", "3", "--augment", "strong"]  # strong: TrivialAugment draws on torch's global RNG
-    assert medclf("train", data, *flags, "--out", tmp_path / "whole") == 0
+RESUME_FLAGS = [*FAST_FLAGS, "--epochs", "3", "--augment", "strong"]  # strong: TrivialAugment draws on torch's global RNG
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The data and one uninterrupted 3-epoch run on it, shared by the interrupted runs compared with it."""
+    base = tmp_path_factory.mktemp("uninterrupted")
+    data = make_split_folder(base / "xray")
+    with pytest.MonkeyPatch.context() as mp:  # module scope: conftest's per-test cache is not set up yet
+        mp.setenv("MEDCLF_DATA", str(base / "medclf_data"))
+        assert medclf("train", data, *RESUME_FLAGS, "--out", base / "whole") == 0
+    return data, base / "whole"
+
+
+@pytest.mark.parametrize("faults", [
+    pytest.param([("batch:5:INT", 130)], id="sigint-in-epoch-2"),
+    pytest.param([("last:2:KILL", -signal.SIGKILL)], id="sigkill-while-saving-last.pt-of-epoch-2"),
+    pytest.param([("batch:8:KILL", -signal.SIGKILL)], id="sigkill-mid-batch-in-epoch-3"),
+    pytest.param([("batch:5:INT", 130), ("checkpoint:2:KILL", -signal.SIGKILL)],
+                 id="sigint-then-sigkill-while-the-resumed-run-saves"),
+])
+def test_resume_after_sigint_and_sigkill_matches_an_uninterrupted_run(tmp_path, uninterrupted, faults):
+    data, whole = uninterrupted
     run = tmp_path / "cut"
-    assert medclf("train", data, *flags, "--out", run, fault="batch:5:INT") == 130  # in epoch 2
-    assert medclf("train", "--resume", run, fault="checkpoint:2:KILL") == -signal.SIGKILL  # while saving epoch 2
-    assert medclf("train", "--resume", run) == 0
-    whole = list(csv.DictReader(open(tmp_path / "whole" / "history.csv")))
-    cut = list(csv.DictReader(open(run / "history.csv")))
+    command = ["train", data, *RESUME_FLAGS, "--out", run]
+    for fault, rc in faults:
+        assert medclf(*command, fault=fault) == rc, fault
+        assert (run / "last.pt").is_file()  # every point lies after epoch 1 was saved
+        command = ["train", "--resume", run]
+    assert medclf(*command) == 0
+    a_rows = list(csv.DictReader(open(whole / "history.csv")))
+    b_rows = list(csv.DictReader(open(run / "history.csv")))
     for column in ("epoch", "lr", "train_loss", "val_loss"):
-        assert [r[column] for r in cut] == [r[column] for r in whole], column
+        assert [r[column] for r in b_rows] == [r[column] for r in a_rows], column
+    assert [r["epoch"] for r in b_rows] == ["1", "2", "3"]
     for name in ("last.pt", "model.pt"):
-        a = torch.load(tmp_path / "whole" / name, weights_only=True)["state_dict"]
+        a = torch.load(whole / name, weights_only=True)["state_dict"]
         b = torch.load(run / name, weights_only=True)["state_dict"]
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 # ---------------------------------------------------------------- Ctrl-C
@@ -170,20 +226,53 @@ def test_disk_full_during_a_checkpoint_then_resume(tmp_path, monkeypatch, capsys
     assert [int(r["epoch"]) for r in csv.DictReader(open(run / "history.csv"))] == [1, 2, 3]
 
 
-def test_disk_full_in_the_image_cache_is_one_line(tmp_path, monkeypatch, capsys):
+def _meta_json_does_not_fit(monkeypatch) -> dict:
+    """ENOSPC when a temporary store writes its meta.json (after images.npy was flushed)."""
+    real, calls = Path.write_text, {"n": 0}
+
+    def write_text(self, *args, **kwargs):
+        if self.name == "meta.json" and self.parent.name.startswith(disk_cache.TMP_PREFIX):
+            calls["n"] += 1
+            _no_space()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    return calls
+
+
+def _reserving_does_not_fit(monkeypatch) -> dict:
+    """ENOSPC from os.posix_fallocate, as reserving a store's images.npy meets it on a full disk."""
+    calls = {"n": 0}
+
+    def posix_fallocate(*args):
+        calls["n"] += 1
+        _no_space()
+
+    monkeypatch.setattr(os, "posix_fallocate", posix_fallocate)
+    return calls
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="reserving uses os.posix_fallocate")
+@pytest.mark.parametrize("full_disk", [_reserving_does_not_fit, _meta_json_does_not_fit], ids=["reserve", "finish"])
+def test_disk_full_in_the_image_cache_trains_in_memory_with_one_warning(tmp_path, monkeypatch, capsys, full_disk):
     data = make_split_folder(tmp_path / "d")
-    real = np.lib.format.open_memmap
-    monkeypatch.setattr(np.lib.format, "open_memmap", _no_space)  # the cache file cannot even be created
     cache = tmp_path / "cache"
-    argv = ["train", str(data), *FAST_FLAGS, "--epochs", "1", "--cache-dir", str(cache), "--out", str(tmp_path / "run")]
-    assert main(argv) == 2
+    monkeypatch.setattr(store, "_warned_roots", set())  # the warning is once per cache folder and process
+    argv = ["train", str(data), *FAST_FLAGS, "--epochs", "1", "--cache-dir", str(cache)]
+    with monkeypatch.context() as full:
+        failed = full_disk(full)
+        assert main([*argv, "--out", str(tmp_path / "run")]) == 0  # training goes on, from memory
+    assert failed["n"] >= 1  # the injected failure was met
     err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("medclf: error: disk full writing") and str(cache) in last
-    assert "Traceback" not in err
-    monkeypatch.setattr(np.lib.format, "open_memmap", real)
-    assert main(argv) == 0
-    assert not [p for p in cache.rglob("*") if p.name.startswith(".tmp-")]  # no half-written cache
+    warnings = [line for line in err.splitlines() if line.startswith("medclf: ")]
+    assert len(warnings) == 1 and "Traceback" not in err, err  # one line for all three splits
+    assert warnings[0].startswith("medclf: warning: cannot write the decoded-image cache") and str(cache) in warnings[0]
+    assert "No space left" in warnings[0]
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert list(cache.iterdir()) == []  # no temporary store left holding the disk's space, and no store
+    assert main([*argv, "--out", str(tmp_path / "again")]) == 0  # the next plain run caches normally
+    assert "warning" not in capsys.readouterr().err
+    assert len(finished_stores(cache)) == 3 and not temporary_stores(cache)
 
 
 @pytest.fixture
