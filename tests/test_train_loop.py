@@ -203,12 +203,18 @@ def test_resume_continues_the_time_budget(tmp_path, monkeypatch):
     assert [int(r["epoch"]) for r in history] == [1, 2]  # one more epoch, then the budget ends the run
 
 
-def test_resume_refuses_data_that_changed(tmp_path, monkeypatch, capsys):
+def _interrupted_in_epoch_2(tmp_path, monkeypatch, epochs: int):
+    """A run stopped by Ctrl-C as its second epoch starts (one finished epoch to resume); returns (data, run)."""
     data = make_split_folder(tmp_path / "d")
     run = tmp_path / "run"
     real = interrupt_second_epoch(monkeypatch)
-    assert main(["train", str(data), *FAST_FLAGS, "--epochs", "3", "--out", str(run)]) == 130
+    assert main(["train", str(data), *FAST_FLAGS, "--epochs", str(epochs), "--out", str(run)]) == 130
     monkeypatch.setattr(train_module, "train_one_epoch", real)
+    return data, run
+
+
+def test_resume_refuses_data_that_changed(tmp_path, monkeypatch, capsys):
+    data, run = _interrupted_in_epoch_2(tmp_path, monkeypatch, epochs=3)
     os.remove(sorted((data / "train" / "NORMAL").glob("*.png"))[0])
     capsys.readouterr()
     _refused(["train", "--resume", str(run)], capsys, "no longer matches its splits.csv")
@@ -267,11 +273,7 @@ def test_compare_npz_split_records_its_data(tmp_path, npz_file):
 
 def test_resume_state_that_does_not_fit_is_one_line(tmp_path, monkeypatch, capsys):
     """last.pt that passes the schema but that PyTorch's loaders refuse (a foreign scheduler state) is one line."""
-    data = make_split_folder(tmp_path / "d")
-    run = tmp_path / "run"
-    real = interrupt_second_epoch(monkeypatch)
-    assert main(["train", str(data), *FAST_FLAGS, "--epochs", "2", "--out", str(run)]) == 130
-    monkeypatch.setattr(training, "train_one_epoch", real)
+    _, run = _interrupted_in_epoch_2(tmp_path, monkeypatch, epochs=2)
     state = torch.load(run / "last.pt", weights_only=True)
     state["scheduler"] = {"bogus": 1}
     torch.save(state, run / "last.pt")
