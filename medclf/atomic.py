@@ -98,7 +98,8 @@ def write_with(path: str | os.PathLike, write: Callable[[Path], Any], needed: in
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    return write_with(path, lambda tmp: tmp.write_text(text), needed=len(text.encode()))
+    data = text.encode("utf-8")  # every text medclf writes (YAML, JSON, CSV, HTML) is UTF-8, whatever the locale
+    return write_with(path, lambda tmp: tmp.write_bytes(data), needed=len(data))
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from . import models, runtime
 from .config import TrainConfig, check_settings, save_yaml
 from .data import sources
 from .data.augment import PRESETS, prepare_batch
-from .data.store import probe_channels
+from .data.store import UNREADABLE, probe_channels
 from .errors import MedclfError
 from .serialize import plain
 
@@ -83,7 +83,7 @@ def fingerprint(source: sources.Source, sample: int = HEADER_SAMPLE) -> dict[str
                 heights.append(img.size[1])
                 modes[img.mode] = modes.get(img.mode, 0) + 1
                 formats[img.format or "?"] = formats.get(img.format or "?", 0) + 1
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        except UNREADABLE:
             unreadable += 1
     bits = max((_MODE_BITS.get(m, 8) for m in modes), default=8)
     fp.update({"width": _stats(widths), "height": _stats(heights),
@@ -250,9 +250,10 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
     decide("batch_size", _batch_size(n_train), f"{n_train} training images: enough optimizer steps per epoch "
                                                f"and an efficient batch")
     imbalance = fp.get("imbalance_ratio") or 1.0
-    decide("balance", balance_for(imbalance),
+    balance = balance_for(imbalance)
+    decide("balance", balance,
            f"classes differ {imbalance:.2f}x: class-weighted loss keeps the minority recall up"
-           if balance_for(imbalance) == "weight"
+           if balance == "weight"
            else f"classes are balanced ({imbalance:.2f}x): plain loss")
     decide("label_smoothing", 0.1, "0.1: calibrates and regularises; standard for ResNet training")
     small = n_train < 1000

@@ -130,4 +130,4 @@ def page(title: str, subtitle: str, sections: list[str]) -> str:
 
 def write(path: Path, text: str) -> Path:
     """Write atomically, so a reader never sees half a page."""
-    return atomic.write_bytes(path, text.encode("utf-8"))
+    return atomic.write_text(path, text)

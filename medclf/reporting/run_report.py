@@ -264,9 +264,10 @@ def _mistakes(loaded: inference.LoadedModel, e: dict, classes: list[str], limit:
         return "<p>No mistakes on this split.</p>"
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:limit]
     raw = store.take(torch.as_tensor(wrong)).to(loaded.device)
-    x = inference.preprocess(loaded.ckpt, raw)
+    view = inference.model_view(loaded.ckpt, raw)  # preprocess = normalise(model_view): the view is shown as well
+    x = inference.normalise(loaded.ckpt, view)
     cams = grad_cam(loaded.model, x, target=torch.as_tensor(pred[wrong])).cpu().numpy()
-    views = inference.view_uint8(inference.model_view(loaded.ckpt, raw))
+    views = inference.view_uint8(view)
     cards = []
     for j, i in enumerate(wrong):
         image = _display(views[j])
