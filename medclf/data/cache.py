@@ -129,13 +129,13 @@ def _pid_running(pid: int) -> bool:
 
 
 def remove_stale_tmps(root: Path) -> int:
-    """Delete orphaned temporary stores under root (left by killed runs); returns how many."""
-    removed = 0
+    """Delete orphaned temporary stores under root (left by killed runs); returns the bytes freed."""
+    freed = 0
     for folder in _tmp_dirs(root):
         if is_stale_tmp(folder):
+            freed += _folder_bytes(folder)
             shutil.rmtree(folder, ignore_errors=True)
-            removed += 1
-    return removed
+    return freed
 
 
 def _tmp_dirs(root: Path) -> list[Path]:
@@ -216,11 +216,7 @@ def prune(root: Path, max_bytes: int) -> tuple[int, int]:
 
     Returns (stores removed, bytes freed). A store a running process has memory-mapped stays readable by it.
     """
-    freed = 0
-    for folder in _tmp_dirs(root):
-        if is_stale_tmp(folder):
-            freed += _folder_bytes(folder)
-            shutil.rmtree(folder, ignore_errors=True)
+    freed = remove_stale_tmps(root)
     stores = entries(root)
     total = sum(e.nbytes for e in stores)
     removed = 0
