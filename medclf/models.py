@@ -3,6 +3,8 @@
 A medclf `model.pt` is a plain dict (loads with `torch.load`, weights_only) holding the
 architecture, class names and preprocessing, so loading needs no flags; its `state_dict`
 loads into the torchvision model with the same stem and channel count (`build_model`).
+An ensemble's `model.pt` is the same dict with `"ensemble": K`; its state dict is an `Ensemble`'s
+(`members.0.conv1.weight`, ...), so every consumer loads it through `load_model` unchanged.
 """
 from __future__ import annotations
 
@@ -66,6 +68,29 @@ def build_model(name: str, num_classes: int, in_chans: int = 3, stem: str = "ima
     return model
 
 
+class Ensemble(nn.Module):
+    """K classifiers of one spec answering as one: the log of their mean softmax probabilities.
+
+    Consumers apply softmax to a model's output, so they get the members' mean probability, the
+    deep-ensemble rule (averaging logits instead would sharpen the average and spoil calibration)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([member(x).float().log_softmax(1) for member in self.members])
+        return torch.logsumexp(log_probs, 0) - math.log(len(self.members))  # log(mean p) without underflow to -inf
+
+
+def build_for_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+    """The untrained module a checkpoint's state dict loads into: one classifier, or an Ensemble of them."""
+    def member() -> nn.Module:
+        return build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_chans"], ckpt["stem"])
+
+    return Ensemble([member() for _ in range(ckpt["ensemble"])]) if "ensemble" in ckpt else member()
+
+
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     """ImageNet weights through torchvision's weights API (cached in the torch hub folder)."""
     weights_enum = getattr(torchvision.models, REGISTRY[name][1]).DEFAULT
@@ -90,6 +115,8 @@ def adapt_conv1(weight: torch.Tensor, in_chans: int, stem: str) -> torch.Tensor:
 
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], in_chans: int, stem: str) -> list[str]:
     """Copy pretrained weights into model, except the classifier head. Returns keys left at init."""
+    if any(k.startswith("members.") for k in state):  # an ensemble's: no one backbone to copy
+        raise MedclfError("pretrained weights are an ensemble's; fine-tune from one of its members' model.pt")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     if "conv1.weight" in state:
         state["conv1.weight"] = adapt_conv1(state["conv1.weight"], in_chans, stem)
@@ -135,6 +162,50 @@ def read_checkpoint(run_or_model: str | Path) -> dict[str, Any]:
     problem = checkpoint_problem(ckpt)
     if problem:
         raise MedclfError(f"{path}: {problem}")
+    return ckpt
+
+
+def read_base(path: str | Path) -> dict[str, Any]:
+    """The single model that `--weights PATH` fine-tunes from; an ensemble is refused, naming a member to use."""
+    ckpt = read_checkpoint(path)
+    if "ensemble" in ckpt:
+        folder = resolve_model_path(path).parent
+        member = next((p for p in sorted(folder.glob("*/model.pt")) if _is_single_model(p)), None)
+        instead = f"e.g. {member}" if member else "a member's model.pt"
+        raise MedclfError(f"--weights {path} is an ensemble of {ckpt['ensemble']} models; fine-tune from one of "
+                          f"them instead ({instead})")
+    return ckpt
+
+
+def _is_single_model(path: Path) -> bool:
+    try:
+        return "ensemble" not in read_checkpoint(path)
+    except MedclfError:  # a damaged neighbour is simply not suggested
+        return False
+
+
+def ensemble_checkpoint(members: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """K single-model checkpoints of one spec → one ensemble checkpoint.
+
+    Keys all members agree on (spec, config, ...) are kept; member-specific ones (epoch, val scores,
+    threshold) are dropped, for `extra` to give the ensemble's own."""
+    if len(members) < 2:
+        raise MedclfError(f"an ensemble needs at least 2 models (got {len(members)})")
+    for i, member in enumerate(members, 1):
+        problem = checkpoint_problem(member) or ("it is an ensemble itself" if "ensemble" in member else None)
+        if problem:
+            raise MedclfError(f"ensemble member {i}: {problem}")
+        for key in ENSEMBLE_SPEC_KEYS:
+            if member.get(key) != members[0].get(key):
+                raise MedclfError(f"ensemble members 1 and {i} differ in {key!r} ({_shown(members[0].get(key))} "
+                                  f"vs {_shown(member.get(key))}); an ensemble's members share one spec")
+    shared = {key: value for key, value in members[0].items()
+              if key != "state_dict" and all(key in m and m[key] == value for m in members)}
+    state = {f"members.{i}.{key}": value for i, m in enumerate(members) for key, value in m["state_dict"].items()}
+    ckpt = {**shared, **(extra or {}), "ensemble": len(members), "state_dict": state}
+    problem = checkpoint_problem(ckpt)
+    if problem:  # only `extra` can cause this: a caller's bug, not the user's input
+        raise ValueError(f"ensemble checkpoint: {problem}")
     return ckpt
 
 
@@ -203,17 +274,26 @@ def _consistency_problem(ckpt: dict[str, Any]) -> str | None:
 
 def _state_dict_problem(ckpt: dict[str, Any]) -> str | None:
     state, k = ckpt["state_dict"], len(ckpt["classes"])
-    head = state.get("fc.weight")
-    if head is None or head.ndim != 2:
-        return "'state_dict' has no classifier head ('fc.weight')"
-    if head.shape[0] != k:
-        return f"'classes' lists {k} names but the head ('fc.weight' in 'state_dict') has {head.shape[0]} outputs"
+    prefixes = [""]
+    if "ensemble" in ckpt:
+        found = {key.split(".")[1] for key in state if key.startswith("members.") and key.count(".") >= 2}
+        if len(found) != ckpt["ensemble"]:  # checked first: K sizes the model built below
+            return f"'ensemble' is {ckpt['ensemble']} but 'state_dict' holds {len(found)} member(s)"
+        prefixes = [f"members.{i}." for i in range(ckpt["ensemble"])]
+    for prefix in prefixes:
+        head = state.get(f"{prefix}fc.weight")
+        if head is None or head.ndim != 2:
+            return f"'state_dict' has no classifier head ('{prefix}fc.weight')"
+        if head.shape[0] != k:
+            return (f"'classes' lists {k} names but the head ('{prefix}fc.weight' in 'state_dict') "
+                    f"has {head.shape[0]} outputs")
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        expected = build_model(ckpt["arch"], k, ckpt["in_chans"], ckpt["stem"]).state_dict()
+        expected = build_for_checkpoint(ckpt).state_dict()
     wrong = [key for key, value in expected.items() if key not in state or state[key].shape != value.shape]
     wrong += [key for key in state if key not in expected]
     if wrong:
-        return (f"'state_dict' does not match a {ckpt['arch']} with a {ckpt['stem']} stem and {ckpt['in_chans']} "
+        what = f"an ensemble of {ckpt['ensemble']} " if "ensemble" in ckpt else "a "
+        return (f"'state_dict' does not match {what}{ckpt['arch']} with a {ckpt['stem']} stem and {ckpt['in_chans']} "
                 f"channel(s): {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
     return None
 
@@ -259,8 +339,12 @@ CHECKPOINT_SCHEMA: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
     "crop": (False, lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "threshold": (False, lambda v: v is None or (_is_number(v) and 0 <= v <= 1), "a number in [0, 1]"),
     "config": (False, lambda v: isinstance(v, dict), "a mapping of settings"),
+    "ensemble": (False, lambda v: _is_int(v) and v >= 2, "an integer >= 2 (the number of member models)"),
     "state_dict": (True, _is_tensor_mapping, "a mapping of parameter names to tensors"),
 }
+# what every member of an ensemble must agree on: the architecture and how its input is made
+ENSEMBLE_SPEC_KEYS = ("arch", "classes", "num_classes", "in_chans", "stem", "input_size", "mean", "std", "crop",
+                      "store_size")
 RESUME_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer": (lambda v: isinstance(v, dict), "a mapping"),
     "scheduler": (lambda v: isinstance(v, dict), "a mapping"),
@@ -272,8 +356,8 @@ RESUME_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def load_model(run_or_model: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained model (eval mode, CPU, fp32) and its checkpoint dict."""
+    """The trained model (eval mode, CPU, fp32; an Ensemble for an ensemble checkpoint) and its checkpoint dict."""
     ckpt = read_checkpoint(run_or_model)  # the schema check makes the state dict fit the model built here
-    model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_chans"], ckpt["stem"])
+    model = build_for_checkpoint(ckpt)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
