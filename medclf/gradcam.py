@@ -1,6 +1,8 @@
 """Grad-CAM heatmaps and overlays for medclf classifiers."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from .models import Ensemble
 
 
 def default_target_layer(model: nn.Module) -> nn.Module:
@@ -24,6 +28,18 @@ def default_target_layer(model: nn.Module) -> nn.Module:
 def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else fallback
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout noise, no BatchNorm statistic updates), every module's mode restored after."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
 
 
 def _cam_from(act: torch.Tensor, grad: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -48,11 +64,13 @@ def grad_cam(
     ``target`` holds class indices (N,); None explains the arg-max prediction.
     Runs in fp32 with gradients on, even under inference_mode/no_grad/autocast,
     and leaves the model's modes, requires_grad flags and ``.grad`` untouched.
+    An ``Ensemble``'s map is the mean of its members' maps, each for the ensemble's class.
     """
     if images.ndim != 4:
         raise ValueError(f"expected an N×C×H×W batch, got shape {tuple(images.shape)}")
+    if isinstance(model, Ensemble):
+        return _ensemble_cam(model, images, target, layer)
     layer = default_target_layer(model) if layer is None else layer
-    modes = {m: m.training for m in model.modules()}
     flags = {p: p.requires_grad for p in model.parameters()}
     captured: dict[str, torch.Tensor] = {}
 
@@ -62,8 +80,8 @@ def grad_cam(
     handle = layer.register_forward_hook(keep_activation)
     device = _model_device(model, images.device)
     try:
-        model.eval()  # no dropout noise, no BatchNorm statistic updates
         with (
+            _eval_mode(model),
             torch.inference_mode(False),
             torch.enable_grad(),
             torch.autocast(device_type=device.type, enabled=False),
@@ -84,10 +102,20 @@ def grad_cam(
             return _cam_from(act.detach(), grad, tuple(images.shape[-2:])).detach()
     finally:
         handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
         for param, flag in flags.items():
             param.requires_grad_(flag)
+
+
+def _ensemble_cam(model: Ensemble, images: torch.Tensor, target: torch.Tensor | None,
+                  layer: nn.Module | None) -> torch.Tensor:
+    """The mean of the members' Grad-CAMs, all for one class per image: `target`, else the ensemble's arg-max."""
+    if layer is not None:  # a layer belongs to one member; each member is explained at its own last block
+        raise ValueError("an ensemble's Grad-CAM uses each member's default layer; give no layer")
+    if target is None:
+        device = _model_device(model, images.device)
+        with _eval_mode(model), torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            target = model(images.detach().to(device=device, dtype=torch.float32)).argmax(dim=1)
+    return torch.stack([grad_cam(member, images, target) for member in model.members]).mean(0)
 
 
 def _to_rgb(image: np.ndarray) -> np.ndarray:
