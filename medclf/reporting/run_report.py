@@ -74,7 +74,8 @@ def report(run: str | Path, data: str | None = None, out: str | Path | None = No
     ]
     if notes:
         sections.insert(0, "".join(f'<p class="note">{H.esc(n)}</p>' for n in notes))
-    subtitle = (f"{H.esc(ckpt['arch'])} ({H.esc(ckpt['stem'])} stem, {ckpt['input_size']} px, {ckpt['in_chans']} ch), "
+    ensemble = f"ensemble of {ckpt['ensemble']} × " if "ensemble" in ckpt else ""
+    subtitle = (f"{ensemble}{H.esc(ckpt['arch'])} ({H.esc(ckpt['stem'])} stem, {ckpt['input_size']} px, {ckpt['in_chans']} ch), "
                 f"weights {H.esc(ckpt.get('weights', config.get('weights', '?')))}, {len(classes)} classes, "
                 f"data {H.esc(data)}")
     path = Path(out) if out else run / "report.html"
