@@ -4,6 +4,7 @@ import csv
 import html
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,8 +13,11 @@ from PIL import Image
 
 from medclf import models
 from medclf.cli import main
+from medclf.metrics import METHOD_VAL, SMALL_ESTIMATE_N, estimate
+from medclf.reporting.html import fmt
+from medclf.reporting.run_report import report
 
-from conftest import FAST_FLAGS, make_image, make_split_folder, write_class_folders
+from conftest import FAST_FLAGS, fake_folds_run, make_image, make_split_folder, write_class_folders
 from htmlcheck import needs_chromium, assert_self_contained, check_numbers, injected, parse, render
 
 
@@ -83,6 +87,106 @@ def test_report_renders_in_chromium(run_without_report, tmp_path):
     assert len(images) == len(parse(page.read_text()).images) >= 6
     assert all(complete and w > 0 and h > 0 for complete, w, h in images), images
     check_numbers(dom, json.loads((run / "metrics.json").read_text()))  # the numbers the browser shows
+
+
+# ---------------------------------------------------------------- the estimate leads the report
+
+def _sections(text: str) -> list[str]:
+    return [h.split("</h2>")[0] for h in text.split("<h2>")[1:]]
+
+
+def _estimate_section(text: str) -> str:
+    return text.split('<section id="estimate">')[1].split("</section>")[0]
+
+
+def test_old_run_report_estimates_from_val_and_says_it_is_optimistic(run_without_report, tmp_path):
+    """A metrics.json without "estimate" (runs made before it): the report computes one from val, optimistic."""
+    _, run, _ = run_without_report
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    saved = json.loads((old / "metrics.json").read_text())
+    saved.pop("estimate", None)
+    (old / "metrics.json").write_text(json.dumps(saved))
+    text = open(report(old)).read()
+    assert _sections(text)[0] == "What to expect on new images"
+    section = _estimate_section(text)
+    assert "older medclf" in section and "data-key" not in section  # its numbers are not in metrics.json
+    assert f"<td>accuracy</td><td><span class=\"num\">{fmt(saved['val']['accuracy'])}</span>" in section
+    assert "chose the checkpoint" in section and "<b>optimistic</b>" in section
+    assert f"rests on {saved['val']['n']} images (fewer than {SMALL_ESTIMATE_N})" in section
+    check_numbers(text, saved)
+
+
+def test_report_shows_the_estimate_of_metrics_json(run_without_report, tmp_path):
+    _, run, _ = run_without_report
+    unbiased = tmp_path / "unbiased"
+    shutil.copytree(run, unbiased)
+    saved = json.loads((unbiased / "metrics.json").read_text())
+    rng = np.random.default_rng(0)
+    y = np.arange(300) % 2
+    saved["estimate"] = estimate(y, rng.dirichlet([1, 1], 300), ["NORMAL", "PNEUMONIA"], METHOD_VAL, n_boot=50)
+    (unbiased / "metrics.json").write_text(json.dumps(saved))
+    text = open(report(unbiased)).read()
+    keys = [k for k, _, _ in parse(_estimate_section(text)).found]
+    assert len(keys) == 4 * 3 + 1 and ["estimate", "auc", "ci95", 1] in keys and ["estimate", "n"] in keys
+    check_numbers(text, saved)
+    section = _estimate_section(text)
+    assert "unbiased" in section and "optimistic" not in section and 'class="note"' not in section
+
+
+@pytest.fixture(scope="module")
+def folds_run(run_without_report, tmp_path_factory):
+    _, run, _ = run_without_report
+    return fake_folds_run(run, tmp_path_factory.mktemp("folds") / "run", ["NORMAL", "PNEUMONIA"])
+
+
+def test_folds_run_report_reads_out_of_fold_predictions_and_predicts_only_test(folds_run, monkeypatch):
+    from medclf import inference
+    from medclf.reporting import run_report as report_module
+
+    predicted = []
+    real = inference.split_store
+
+    def recording(ckpt, data, split, *args, **kwargs):
+        predicted.append(split)
+        return real(ckpt, data, split, *args, **kwargs)
+
+    monkeypatch.setattr(report_module.inference, "split_store", recording)
+    text = open(report(folds_run)).read()
+    assert predicted == ["test"]  # the ensemble trained on val: its images come from oof.csv, never re-predicted
+    saved = json.loads((folds_run / "metrics.json").read_text())
+    keys = {tuple(k) for k, _, _ in parse(text).found}
+    assert check_numbers(text, saved) >= 13 + 30
+    assert ("oof", "auc") in keys and ("test", "auc") in keys and ("estimate", "f1_macro", "value") in keys
+    assert not any(k[0] == "val" for k in keys)
+    assert _sections(text)[0] == "What to expect on new images"
+    section = _estimate_section(text)
+    assert "out-of-fold, K=3 cross-validation" in section and "optimistic" not in section
+    assert f"rests on {saved['estimate']['n']} images" in section
+    assert "out-of-fold (n=" in text
+
+
+def test_folds_run_without_test_shows_out_of_fold_mistakes(folds_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(folds_run, run)
+    saved = json.loads((run / "metrics.json").read_text())
+    del saved["test"]
+    (run / "metrics.json").write_text(json.dumps(saved))
+    stores = {}  # what train passes for data without a test split
+    text = open(report(run, stores=stores)).read()
+    check_numbers(text, saved)
+    assert "wrong out-of-fold predictions" in text and "fold model" in text
+    wrong = saved["oof"]["n"] - round(saved["oof"]["accuracy"] * saved["oof"]["n"])
+    assert text.count("<td>train</td>") + text.count("<td>val</td>") == min(wrong, 8)
+
+
+@needs_chromium
+def test_folds_run_report_renders_in_chromium(folds_run, tmp_path):
+    page = report(folds_run, out=tmp_path / "report.html")
+    dom, images = render(tmp_path / "report.html", tmp_path)
+    assert all(complete and w > 0 for complete, w, _ in images), images
+    assert check_numbers(dom, json.loads((folds_run / "metrics.json").read_text())) >= 13
+    assert "What to expect on new images" in dom and page.endswith("report.html")
 
 
 def test_explain_matches_predict(run_without_report, tmp_path, capsys):

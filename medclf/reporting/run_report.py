@@ -1,4 +1,4 @@
-"""report.html for a run: metrics with bootstrap CIs, per-class sensitivity/specificity, curves,
+"""report.html for a run: what to expect on new images (the estimate), metrics with bootstrap CIs, per-class sensitivity/specificity, curves,
 ROC/PR, calibration, the most confident mistakes with Grad-CAM, dataset summary, config and plan."""
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from ..config import load_yaml
 from ..data.store import Store
 from ..errors import MedclfError
 from ..gradcam import grad_cam, overlay
+from ..oof import read_oof
 from ..stats import bootstrap_ci, expected_calibration_error, reliability_bins
 from . import figures
 from . import html as H
 
 HEADLINE = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auc": "ROC AUC", "f1_macro": "macro F1"}
 GALLERY_SIDE = 150
+SPLIT_NAMES = {"oof": "out-of-fold"}
 
 
 def report(run: str | Path, data: str | None = None, out: str | Path | None = None, device: str = "auto",
@@ -42,10 +44,12 @@ def report(run: str | Path, data: str | None = None, out: str | Path | None = No
     classes = ckpt["classes"]
     data = data or config.get("data") or ckpt.get("config", {}).get("data")
     notes: list[str] = []
+    evaluated = _out_of_fold(run, classes, ckpt.get("threshold"))
+    # a --folds run's ensemble trained on its val images: only test is held out from it
+    predicted = ("test",) if evaluated else ("val", "test")
     if stores is None:
-        stores = _load_splits(ckpt, data, config, run, notes)
-    evaluated = {}
-    for split in ("val", "test"):
+        stores = _load_splits(ckpt, data, config, run, notes, predicted)
+    for split in predicted:
         store = stores.get(split)
         if store is None or not len(store):
             continue
@@ -57,10 +61,12 @@ def report(run: str | Path, data: str | None = None, out: str | Path | None = No
         evaluated[split] = {"store": store, "labels": labels, "probs": probs, "metrics": split_metrics}
     if not evaluated:
         raise MedclfError(f"{data} has neither a val nor a test split to report on")
-    _check_against_metrics_json(run, evaluated, notes)
-    shown = "test" if "test" in evaluated else "val"
+    saved = _saved_metrics(run)
+    _check_against_metrics_json(saved, evaluated, notes)
+    shown = next(split for split in ("test", "val", "oof") if split in evaluated)
     s = evaluated[shown]
     sections = [
+        H.section("What to expect on new images", _expectation(saved, evaluated, classes, n_boot), "estimate"),
         _summary(evaluated, shown, classes, n_boot),
         H.section("Metrics with 95% bootstrap confidence intervals", _metrics_tables(evaluated, classes, n_boot), "metrics"),
         H.section("Sensitivity and specificity per class", _per_class_tables(evaluated, classes, n_boot), "per-class"),
@@ -83,8 +89,21 @@ def report(run: str | Path, data: str | None = None, out: str | Path | None = No
     return str(path)
 
 
-def _load_splits(ckpt: dict, data: str | None, config: dict, run: Path, notes: list[str]) -> dict[str, Store]:
-    """The val and test splits as evaluate builds them, noting where they differ from the run's splits.csv."""
+def _out_of_fold(run: Path, classes: list[str], threshold: float | None) -> dict:
+    """{"oof": ...} from RUN/oof.csv of a --folds run (its recorded predictions, never re-made), else {}."""
+    oof = read_oof(run)
+    if oof is None:
+        return {}
+    if oof.classes != classes:
+        raise MedclfError(f"{run}/oof.csv has the classes {', '.join(oof.classes)}, the model {', '.join(classes)}")
+    split_metrics = serialize.json_safe(metrics.evaluate_predictions(oof.labels, oof.probs, classes, threshold))
+    return {"oof": {"store": None, "labels": oof.labels, "probs": oof.probs, "metrics": split_metrics,
+                    "ids": oof.ids, "folds": oof.folds}}
+
+
+def _load_splits(ckpt: dict, data: str | None, config: dict, run: Path, notes: list[str],
+                 wanted: tuple[str, ...] = ("val", "test")) -> dict[str, Store]:
+    """The `wanted` splits as evaluate builds them, noting where they differ from the run's splits.csv."""
     if not data:
         raise MedclfError(f"{run}/config.yaml names no data; pass --data DATA")
     try:
@@ -93,7 +112,7 @@ def _load_splits(ckpt: dict, data: str | None, config: dict, run: Path, notes: l
         raise MedclfError(f"cannot rebuild the predictions for the report: {exc} (pass --data DATA)") from None
     stores = {}
     recorded = _split_ids(run)
-    for split in ("val", "test"):
+    for split in wanted:
         if split not in source.splits:
             continue
         stores[split], _ = inference.split_store(ckpt, source, split, bool(config.get("skip_bad")),
@@ -116,16 +135,68 @@ def _split_ids(run: Path) -> dict[str, list[str]]:
     return ids
 
 
-def _check_against_metrics_json(run: Path, evaluated: dict, notes: list[str]) -> None:
+def _saved_metrics(run: Path) -> dict:
     path = run / "metrics.json"
-    if not path.is_file():
-        return
-    saved = json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _check_against_metrics_json(saved: dict, evaluated: dict, notes: list[str]) -> None:
     for split, e in evaluated.items():
         old = saved.get(split, {}).get("accuracy")
         if old is not None and abs(old - e["metrics"]["accuracy"]) > 1e-9:
             notes.append(f"{split} accuracy recomputed for this report ({e['metrics']['accuracy']:.4f}) differs "
                          f"from metrics.json ({old:.4f}): data or software changed since training.")
+
+
+def _expectation(saved: dict, evaluated: dict, classes: list[str], n_boot: int) -> str:
+    """The estimate of metrics.json, or for runs made before it existed, one made here from the held-out predictions."""
+    est, key = saved.get("estimate"), ["estimate"]
+    if est is None:
+        key = None  # not in metrics.json: its numbers carry no JSON path
+        est = _fallback_estimate(evaluated, classes, n_boot)
+    if est is None:
+        return '<p class="note">This run has no validation or out-of-fold predictions to estimate from.</p>'
+
+    def at(*path):
+        return None if key is None else key + list(path)
+
+    rows = []
+    for m, label in HEADLINE.items():
+        value, ci = est[m]["value"], est[m]["ci95"]
+        interval = ("—" if ci is None else
+                    f"{H.num(ci[0], at(m, 'ci95', 0))} to {H.num(ci[1], at(m, 'ci95', 1))}")
+        rows.append([label, H.num(value, at(m, "value")), interval])
+    text = (f'<p class="summary">Expected performance on new images from the same source, with 95% bootstrap '
+            f'confidence intervals, from {H.num(est["n"], at("n"), 0)} images: {method_words(est["method"])}</p>')
+    warnings = "".join(f'<p class="note">{H.esc(w)}</p>' for w in est["warnings"])
+    origin = ("" if key is not None else '<p class="muted">metrics.json of this run has no estimate (made by an '
+              "older medclf): computed here from its validation predictions.</p>")
+    return text + warnings + H.table(["metric", "expected value", "95% CI"], rows) + origin
+
+
+def _fallback_estimate(evaluated: dict, classes: list[str], n_boot: int) -> dict | None:
+    """The estimate of a run whose metrics.json lacks one: its out-of-fold or (best-epoch choosing) val predictions."""
+    if "oof" in evaluated:
+        e, method = evaluated["oof"], metrics.METHOD_OOF.format(k=len(np.unique(evaluated["oof"]["folds"])))
+    elif "val" in evaluated:
+        e, method = evaluated["val"], metrics.METHOD_VAL_SELECTED  # runs before the estimate chose their epoch on val
+    else:
+        return None
+    return metrics.estimate(e["labels"], e["probs"], classes, method, n_boot=n_boot)
+
+
+def method_words(method: str) -> str:
+    """How an estimate was made, in words (HTML)."""
+    if method.startswith(metrics.METHOD_OOF.split(",")[0]):
+        return (f"{H.esc(method)} cross-validation. Each image was predicted by the model of the fold that left it "
+                "out of training, so every prediction is on an image its model never learned from.")
+    if method == metrics.METHOD_VAL:
+        return ("the validation split, which played no part in training or in choosing the checkpoint, so the "
+                "estimate is unbiased.")
+    if method == metrics.METHOD_VAL_SELECTED:
+        return ("the validation split, which also chose the checkpoint (the best epoch). The model was picked "
+                "because it did well on these very images, so the estimate is <b>optimistic</b>.")
+    return H.esc(method) + "."
 
 
 def _cis(e: dict, classes: list[str], n_boot: int) -> dict:
@@ -150,7 +221,7 @@ def _class_cis(e: dict, classes: list[str], n_boot: int) -> dict:
 def _summary(evaluated: dict, shown: str, classes: list[str], n_boot: int) -> str:
     e = evaluated[shown]
     m, cis = e["metrics"], _cis(e, classes, n_boot)
-    parts = [f"On the {shown} split ({m['n']} images) the model classified "
+    parts = [f"On the {SPLIT_NAMES.get(shown, shown)} split ({m['n']} images) the model classified "
              f"{H.fmt(m['accuracy'] * 100, 1)}% correctly (95% CI {H.fmt(cis['accuracy'][0] * 100, 1)}–"
              f"{H.fmt(cis['accuracy'][1] * 100, 1)}%)"]
     if m["auc"] is not None:
@@ -164,8 +235,9 @@ def _summary(evaluated: dict, shown: str, classes: list[str], n_boot: int) -> st
         text += (f"At the threshold chosen on validation (P({positive}) ≥ {H.fmt(t['value'])}) the sensitivity for "
                  f"{positive} is {_pct(t['per_class'][classes[1]]['recall'])} and its specificity "
                  f"{_pct(t['per_class'][classes[1]]['specificity'])}. ")
-    if m["n"] < 200:
-        text += "With fewer than 200 images the intervals are wide: treat small differences as noise."
+    if m["n"] < metrics.SMALL_ESTIMATE_N:
+        text += (f"With fewer than {metrics.SMALL_ESTIMATE_N} images the intervals are wide: treat small differences "
+                 "as noise.")
     return f'<p class="summary">{text}</p>'
 
 
@@ -177,7 +249,7 @@ def _metrics_tables(evaluated: dict, classes: list[str], n_boot: int) -> str:
     rows = []
     for split, e in evaluated.items():
         m, cis = e["metrics"], _cis(e, classes, n_boot)
-        rows.append([f"{split} (n={m['n']})"] + [f"{H.num(m[k], [split, k])} {H.ci(cis[k])}" for k in HEADLINE])
+        rows.append([f"{SPLIT_NAMES.get(split, split)} (n={m['n']})"] + [f"{H.num(m[k], [split, k])} {H.ci(cis[k])}" for k in HEADLINE])
         if "threshold" in m:
             t = m["threshold"]
             rows.append([f"{split} at threshold {H.num(t['value'], [split, 'threshold', 'value'])}",
@@ -264,6 +336,8 @@ def _mistakes(loaded: inference.LoadedModel, e: dict, classes: list[str], limit:
     if not len(wrong):
         return "<p>No mistakes on this split.</p>"
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:limit]
+    if store is None:
+        return _out_of_fold_mistakes(e, wrong, pred, classes)
     raw = store.take(torch.as_tensor(wrong)).to(loaded.device)
     view = inference.model_view(loaded.ckpt, raw)  # preprocess = normalise(model_view): the view is shown as well
     x = inference.normalise(loaded.ckpt, view)
@@ -282,7 +356,16 @@ def _mistakes(loaded: inference.LoadedModel, e: dict, classes: list[str], limit:
             f'score most).</p><div class="gallery">{"".join(cards)}</div>')
 
 
-def _dataset(run: Path, ckpt: dict, store: Store, classes: list[str], shown: str) -> str:
+def _out_of_fold_mistakes(e: dict, wrong: np.ndarray, pred: np.ndarray, classes: list[str]) -> str:
+    """The most confident out-of-fold mistakes as a table: no Grad-CAM, since the run's model trained on these images."""
+    rows = [[H.esc(e["ids"][i][1]), H.esc(e["ids"][i][0]), str(e["folds"][i]), H.esc(classes[e["labels"][i]]),
+             H.esc(classes[pred[i]]), H.fmt(e["probs"][i, pred[i]], 2)] for i in wrong]
+    return (f"<p>The {len(wrong)} wrong out-of-fold predictions made with the highest confidence. No Grad-CAM: the "
+            "run's model trained on these images, so its heat map would not explain the fold model's mistake.</p>"
+            + H.table(["image", "split", "fold", "true", "predicted", "probability"], rows))
+
+
+def _dataset(run: Path, ckpt: dict, store: Store | None, classes: list[str], shown: str) -> str:
     counts: dict[str, Counter] = {}
     path = run / "splits.csv"
     if path.is_file():
@@ -300,6 +383,8 @@ def _dataset(run: Path, ckpt: dict, store: Store, classes: list[str], shown: str
     if (run / "skipped.txt").is_file():
         n = len((run / "skipped.txt").read_text().split())
         html += f'<p class="note">{n} unreadable image(s) were skipped; listed in skipped.txt.</p>'
+    if store is None:
+        return html
     labels = store.labels.numpy()
     html += f"<h3>Sample images ({H.esc(shown)}, as the model sees them before normalisation)</h3>"
     for i, c in enumerate(classes):
@@ -321,7 +406,7 @@ def _config(run: Path) -> str:
 def write_run_outputs(out: Path, results: dict, curves: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
                       stores: dict[str, Store], device: str) -> None:
     """The run's plots and report.html, after metrics.json: a failure here costs that file, never the run."""
-    shown = "test" if "test" in results else "val"
+    shown = next(split for split in ("test", "val", "oof") if split in results and split in curves)
     problems = figures.save_run_plots(out, out / "history.csv", results[shown]["confusion_matrix"], classes,
                                       *curves[shown], split=shown)
     try:

@@ -1,0 +1,98 @@
+"""metrics.estimate (metrics.json["estimate"]) and oof.csv, the out-of-fold predictions of a --folds run."""
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+from medclf import metrics as M
+from medclf.errors import MedclfError
+from medclf.oof import read_oof, write_oof
+from medclf.stats import bootstrap_ci
+
+HEADLINE_KEYS = {"accuracy", "balanced_accuracy", "auc", "f1_macro"}
+
+
+def _predictions(n: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities that are right more often than chance."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    p = rng.dirichlet(np.ones(k), size=n)
+    p[np.arange(n), y] += rng.random(n)
+    return y, p / p.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_estimate_values_equal_scikit_learn_and_cis_contain_them(k):
+    y, p = _predictions(300, k, seed=k)
+    est = M.estimate(y, p, [f"c{i}" for i in range(k)], M.METHOD_OOF.format(k=5), n_boot=300)
+    assert set(est) == HEADLINE_KEYS | {"method", "n", "warnings"}
+    assert est["method"] == "out-of-fold, K=5" and est["n"] == 300 and est["warnings"] == []
+    auc = roc_auc_score(y, p[:, 1]) if k == 2 else roc_auc_score(y, p, multi_class="ovr", average="macro")
+    reference = {"accuracy": accuracy_score(y, p.argmax(1)), "balanced_accuracy": balanced_accuracy_score(y, p.argmax(1)),
+                 "auc": auc, "f1_macro": f1_score(y, p.argmax(1), average="macro")}
+    for name, value in reference.items():
+        entry = est[name]
+        assert set(entry) == {"value", "ci95"}
+        assert entry["value"] == pytest.approx(value, abs=1e-12), name
+        lo, hi = entry["ci95"]
+        assert lo < entry["value"] < hi, name
+        assert hi - lo < 0.25, name  # 300 images: a real interval, not [0, 1]
+
+
+def test_estimate_cis_are_the_bootstrap_of_stats():
+    y, p = _predictions(120, 2)
+    est = M.estimate(y, p, ["a", "b"], M.METHOD_VAL, n_boot=200, seed=7)
+    for name, f in M.metric_functions(["a", "b"]).items():
+        if name in HEADLINE_KEYS:
+            assert est[name]["ci95"] == list(bootstrap_ci(f, y, p, n_boot=200, seed=7)), name
+
+
+def test_optimistic_and_small_estimates_warn():
+    y, p = _predictions(250, 2)
+    assert M.estimate(y, p, ["a", "b"], M.METHOD_VAL, n_boot=100)["warnings"] == []
+    selected = M.estimate(y, p, ["a", "b"], M.METHOD_VAL_SELECTED, n_boot=100)["warnings"]
+    assert len(selected) == 1 and "optimistic" in selected[0].lower() and "chose the checkpoint" in selected[0]
+    small = M.estimate(y[:M.SMALL_ESTIMATE_N - 1], p[:M.SMALL_ESTIMATE_N - 1], ["a", "b"], M.METHOD_OOF.format(k=3),
+                       n_boot=100)
+    assert len(small["warnings"]) == 1 and f"{M.SMALL_ESTIMATE_N - 1} images" in small["warnings"][0]
+    half = (small["accuracy"]["ci95"][1] - small["accuracy"]["ci95"][0]) / 2
+    assert f"accuracy ±{half:.2f}" in small["warnings"][0]
+    both = M.estimate(y[:50], p[:50], ["a", "b"], M.METHOD_VAL_SELECTED, n_boot=100)["warnings"]
+    assert len(both) == 2 and all(w.count("\n") == 0 for w in both)
+
+
+def test_estimate_on_one_class_has_no_auc_and_is_json_safe():
+    y, p = _predictions(40, 2)
+    y[:] = 1
+    est = M.estimate(y, p, ["a", "b"], M.METHOD_VAL, n_boot=100)
+    assert est["auc"] == {"value": None, "ci95": None}
+    assert est["accuracy"]["value"] == pytest.approx(accuracy_score(y, p.argmax(1)))
+    assert any("AUC is undefined" in w for w in est["warnings"])
+    assert json.loads(json.dumps(est, allow_nan=False)) == est
+
+
+def test_oof_file_round_trip(tmp_path):
+    y, p = _predictions(12, 3)
+    ids = [("train" if i < 8 else "val", f"img, {i}.png") for i in range(12)]
+    folds = np.arange(12) % 3 + 1
+    classes = ["a", "b,c", "prob_d"]
+    write_oof(tmp_path / "oof.csv", ids, y, p, folds, classes)
+    oof = read_oof(tmp_path)
+    assert oof.ids == ids and oof.classes == classes
+    np.testing.assert_array_equal(oof.labels, y)
+    np.testing.assert_array_equal(oof.folds, folds)
+    np.testing.assert_array_equal(oof.probs, p)  # written as repr: exact
+    assert read_oof(tmp_path / "elsewhere") is None
+
+
+@pytest.mark.parametrize("text,message", [
+    ("split,id,label,prob_a,prob_b\ntrain,x,a,0.5,0.5\n", "not an out-of-fold file"),
+    ("split,id,label,fold,prob_a,prob_b\ntrain,x,z,1,0.5,0.5\n", "known class name"),
+    ("split,id,label,fold,prob_a,prob_b\ntrain,x,a,1,0.5\n", "2 probabilities"),
+    ("split,id,label,fold,prob_a,prob_b\n", "no rows"),
+])
+def test_broken_oof_file_is_one_line_error(tmp_path, text, message):
+    (tmp_path / "oof.csv").write_text(text)
+    with pytest.raises(MedclfError, match=message):
+        read_oof(tmp_path)
