@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +54,22 @@ def write_split_file(path: Path, split_ids: dict[str, list[str]], split_labels: 
         for split, ids in split_ids.items():
             for i, label in zip(ids, split_labels[split]):
                 writer.writerow([split, i, classes[label] if label >= 0 else ""])
+
+
+# Kermany et al. (2018) chest X-ray names carry the patient: person1028_bacteria_2959.jpeg, IM-0213-0001.jpeg,
+# NORMAL2-IM-1234-0001.jpeg (a few have a further -NNNN suffix for repeat views)
+_KERMANY_PATIENT = (re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+\.jpe?g$", re.IGNORECASE),
+                    re.compile(r"^((?:NORMAL\d*-)?IM-\d+)(?:-\d+)+\.jpe?g$", re.IGNORECASE))
+
+
+def patient_groups(paths: Sequence[str | os.PathLike]) -> list[str] | None:
+    """The patient of each image from Kermany-style file names, so that splits keep a patient's images together;
+    None unless every name matches (other data sets carry no patient in their names)."""
+    groups = []
+    for p in paths:
+        name = Path(p).name
+        match = next((m for m in (pattern.match(name) for pattern in _KERMANY_PATIENT) if m), None)
+        if match is None:
+            return None
+        groups.append(match.group(1))
+    return groups or None
