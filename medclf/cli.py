@@ -47,6 +47,14 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--monitor", choices=CHOICES["monitor"], help=f"validation metric to select on (default {d.monitor})")
     p.add_argument("--augment", choices=CHOICES["augment"], help=f"augmentation preset (default {d.augment})")
     p.add_argument("--balance", choices=CHOICES["balance"], help="class imbalance: weighted loss, balanced sampling")
+    p.add_argument("--checkpoint", choices=CHOICES["checkpoint"],
+                   help="keep the final weights of the completed schedule, or the best validation epoch's")
+    p.add_argument("--folds", type=int, metavar="K",
+                   help="K-fold cross-validation on train+val: out-of-fold estimate, the K models as an ensemble")
+    p.add_argument("--refit", action="store_const", const=True,
+                   help="with --folds: one model retrained on all of train+val instead of the fold ensemble")
+    p.add_argument("--no-stop-saturated", dest="stop_saturated", action="store_const", const=False,
+                   help="keep training when validation has no errors left (default: finish the schedule early)")
     p.add_argument("--ema", type=float, help="weight EMA decay, e.g. 0.999 (default off)")
     p.add_argument("--tta", action="store_const", const=True, help="test-time augmentation (flip) in final evaluation")
     p.add_argument("--seed", type=int)

@@ -30,6 +30,7 @@ CHOICES = {
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "monitor": ("auc", "accuracy", "balanced_accuracy", "f1_macro", "loss"),
     "channels": (1, 3),
+    "checkpoint": ("final", "best"),
 }
 
 
@@ -68,7 +69,8 @@ RANGES = {
     "grad_clip": Interval(0),
     "patience": Interval(0),
     "ema": Interval(0, 1, high_open=True),  # a decay of 1 never moves the average off its initial weights
-    "seed": Interval(0, 2**32 - 1),  # what NumPy's and PyTorch's generators accept
+    "seed": Interval(0, 2**32 - 1),
+    "folds": Interval(0, 100),  # 0: no cross-validation; 1 is refused in validate  # what NumPy's and PyTorch's generators accept
     "time_budget": Interval(0, low_open=True),
     "val_fraction": Interval(0, 1, low_open=True, high_open=True),  # training selects on a validation split
     "test_fraction": Interval(0, 1, high_open=True),
@@ -105,13 +107,17 @@ class TrainConfig:
     augment: str = "light"
     balance: str = "auto"  # auto: weighted loss when classes differ by > 1.5x
     ema: float = 0.0  # decay of an exponential moving average of the weights; 0: off
+    checkpoint: str = "final"  # final: the weights the completed schedule ends with; best: the best validation epoch
+    stop_saturated: bool = True  # finish the schedule early once validation has no errors left
+    folds: int = 0  # K >= 2: K-fold cross-validation on train+val; the run's model is the fold ensemble
+    refit: bool = False  # with folds: retrain one model on all of train+val instead of keeping the ensemble
     tta: bool = False
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool | None = None
     compile: bool = False
-    time_budget: float | None = 10.0  # minutes; training stops there, best checkpoint kept; None: no limit
+    time_budget: float | None = 10.0  # minutes; the schedule is finished early to end there; None: no limit
     plan: bool = True  # settings the user did not set come from the data's plan (medclf/plan.py)
     skip_bad: bool = False
     cache: bool = True
@@ -124,6 +130,8 @@ class TrainConfig:
         """Every setting checked for type and range (paths become text); MedclfError names the first bad one."""
         for f in fields(self):
             setattr(self, f.name, check_setting(f.name, getattr(self, f.name)))
+        if self.folds == 1:
+            raise MedclfError("--folds must be 0 (no cross-validation) or at least 2 (got 1)")
         if self.val_fraction + self.test_fraction >= 1:
             raise MedclfError(f"val_fraction + test_fraction must be < 1, to leave images to train on "
                               f"(got {self.val_fraction:g} + {self.test_fraction:g})")

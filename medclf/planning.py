@@ -29,7 +29,10 @@ from .serialize import plain
 # settings the plan decides; everything else keeps its TrainConfig default
 MIN_VAL_FOR_AUC = 300  # fewer validation images: AUC's standard error (~0.01 at n = 100, AUC 0.98) exceeds epoch-to-epoch gains
 PLANNED = ("model", "size", "stem", "augment", "batch_size", "lr", "schedule", "warmup_epochs", "epochs", "time_budget",
-           "patience", "monitor", "balance", "label_smoothing", "ema", "tta")
+           "patience", "monitor", "balance", "label_smoothing", "ema", "tta", "folds", "checkpoint")
+CV_MAX_IMAGES = 2000  # train+val below this: cross-validate (a single validation split of < 400 images is too noisy)
+CV_FOLDS = 5
+BEST_EPOCH_MIN_VAL = 2000  # validation images needed before the best epoch, rather than the final one, is kept
 DEFAULT_BUDGET = 10.0  # minutes
 BUDGET_USE = 0.85  # share of the budget the planned epochs fill (the rest: setup, jitter, final evaluation)
 MAX_EPOCHS = 60
@@ -221,6 +224,68 @@ def _batch_size(n_train: int) -> int:
     return 16
 
 
+class _Prober:
+    """Timing probes of (stem, size) candidates on this machine, each measured once per plan."""
+
+    def __init__(self, settings: dict, k: int, channels: int, store_size: int | None, device: str,
+                 seconds: float, do_probe: bool):
+        self.settings, self.k, self.channels, self.store_size = settings, k, channels, store_size
+        self.device, self.seconds, self.do_probe = device, seconds, do_probe
+        self.cache: dict[tuple[str, int], dict] = {}
+        self.results: list[dict] = []  # the probes of the last search, for the plan's record
+
+    def __call__(self, stem: str, size: int) -> dict:
+        if (stem, size) not in self.cache:
+            self.cache[stem, size] = probe(self.settings["model"], self.k, self.channels, stem, size,
+                                           self.store_size or size, int(self.settings["batch_size"]),
+                                           self.settings["augment"], self.device, max_seconds=self.seconds, max_steps=3)
+        return self.cache[stem, size]
+
+
+def _choose_size(cands: list[tuple[str, int, str]], measure: _Prober, n_train: int, n_val: int,
+                 budget: float) -> dict[str, Any]:
+    """The first candidate whose `_min_epochs` fit `budget` minutes for one model trained on n_train images
+    and validated on n_val; else the cheapest. Returns {"chosen": (stem, size, why, probe or None), "fits",
+    "why_not", "probes"}."""
+    if not measure.do_probe:  # nothing to fit: no probe, so fixed-epoch runs (and tests) start at once
+        return {"chosen": (*cands[0], None), "fits": True, "why_not": "", "probes": []}
+    min_epochs = _min_epochs(n_train)
+    too_slow = math.inf  # cost of the cheapest candidate measured not to fit
+    probes: list[dict[str, Any]] = []
+    for stem, size, why in cands:
+        if _cost(stem, size) >= too_slow:
+            continue  # at least as expensive as one that did not fit: no need to time it
+        p = measure(stem, size)
+        epoch_s = n_train / p["train_img_per_s"] + n_val / p["infer_img_per_s"]
+        fit = int(BUDGET_USE * budget * 60 // epoch_s)
+        probes.append({"stem": stem, "size": size, **p, "epoch_s": round(epoch_s, 1), "epochs_in_budget": fit})
+        if fit >= min_epochs:
+            measure.results = probes
+            return {"chosen": (stem, size, why, probes[-1]), "fits": True, "why_not": "", "probes": probes}
+        too_slow = min(too_slow, _cost(stem, size))
+    best = min(range(len(probes)), key=lambda i: probes[i]["epoch_s"])
+    stem, size = probes[best]["stem"], probes[best]["size"]
+    why = next(c[2] for c in cands if c[:2] == (stem, size))
+    why_not = f"{probes[best]['epochs_in_budget']} epoch(s) of {min_epochs} needed at {size} px"
+    measure.results = probes
+    return {"chosen": (stem, size, why + f" (the cheapest candidate; none fits {min_epochs} epochs in {budget:.3g} min)",
+                       probes[best]), "fits": False, "why_not": why_not, "probes": probes}
+
+
+def _checkpoint_rule(folds: int, n_val: int) -> tuple[str, str]:
+    """Keep the final weights unless validation is large enough for its best epoch to be signal, not noise."""
+    if folds >= 2:
+        return "final", ("final weights of each fold's completed schedule: its held-out fold selects nothing, so the "
+                         "out-of-fold estimate stays honest")
+    half_width = 1.96 * math.sqrt(0.9 * 0.1 / max(1, n_val))  # 95% CI half-width of an accuracy near 0.9
+    if n_val >= BEST_EPOCH_MIN_VAL:
+        return "best", (f"best validation epoch: {n_val} validation images (≥ {BEST_EPOCH_MIN_VAL}) rank epochs to "
+                        f"±{half_width:.3f} accuracy: enough to tell epochs apart")
+    return "final", (f"final weights of the completed schedule: {n_val} validation images rank epochs only to "
+                     f"±{half_width:.3f} accuracy (95%): smaller differences between epochs are noise, and the best "
+                     f"epoch would be chosen by it (< {BEST_EPOCH_MIN_VAL} images; nnU-Net keeps the final checkpoint too)")
+
+
 def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict | None = None,
               fixed: dict[str, Any] | None = None, device: str = "auto", do_probe: bool = True,
               probe_seconds: float = 8.0) -> dict[str, Any]:
@@ -246,7 +311,7 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
     decide("model", base["arch"] if base else "resnet18",
            "architecture of the base model" if base else
            "ResNet-18: the accuracy/compute sweet spot for small medical sets (34/50 rarely pay on CPU budgets)")
-    decide("time_budget", budget, f"{budget:g} min default; training stops there, the best checkpoint kept")
+    decide("time_budget", budget, f"{budget:g} min default; the schedule is finished early to end there")
     decide("batch_size", _batch_size(n_train), f"{n_train} training images: enough optimizer steps per epoch "
                                                f"and an efficient batch")
     imbalance = fp.get("imbalance_ratio") or 1.0
@@ -281,7 +346,8 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
                          "(flip TTA on val, 3 seeds: PneumoniaMNIST accuracy -0.002 to -0.004, chest_xray_400 AUC -0.011 to +0.002: "
                          "no consistent gain)")
 
-    # resolution and stem: the most accurate candidate whose epochs fit the budget
+    # resolution and stem: the most accurate candidate whose epochs fit the budget; cross-validation first
+    # where the data is small, when K models still fit the budget
     if base is not None:
         cands = _candidates(side, base)
     elif "size" in fixed or "stem" in fixed:
@@ -290,63 +356,68 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
         cands = [(stem, size, "set by you")]
     else:
         cands = _candidates(side, None)
-    min_epochs = _min_epochs(n_train)
+    n_total = n_train + n_val
     store_size = side if fp["kind"] == "npz" else None
-    epochs_fixed = "epochs" in fixed
-    probes: list[dict[str, Any]] = []
-    chosen = None
-    if not do_probe or epochs_fixed:  # nothing to fit: no probe, so fixed-epoch runs (and tests) start at once
-        chosen = (*cands[0], None)
+    measure = _Prober(settings, k, channels, store_size, device, probe_seconds,
+                      do_probe=do_probe and "epochs" not in fixed)
+    models_trained = 1 + bool(fixed.get("refit"))
+    folds = int(fixed.get("folds", 0))
+    if "folds" not in fixed and n_total < CV_MAX_IMAGES:
+        trial = _choose_size(cands, measure, n_total * (CV_FOLDS - 1) // CV_FOLDS, n_total // CV_FOLDS,
+                             budget / (CV_FOLDS + bool(fixed.get("refit"))))
+        if trial["fits"] or not measure.do_probe:
+            folds = CV_FOLDS
+        cv_note = (f"{n_total} train+val images (< {CV_MAX_IMAGES}): {CV_FOLDS}-fold cross-validation gives an "
+                   f"out-of-fold estimate on every image and an ensemble of {CV_FOLDS} models"
+                   if folds else f"{n_total} images would favour cross-validation, but {CV_FOLDS} models do not fit "
+                                 f"{budget:g} min ({trial['why_not']}): one model, validated on the val split")
+        decide("folds", folds, cv_note)
     else:
-        too_slow = math.inf  # cost of the cheapest candidate measured not to fit
-        for stem, size, why in cands:
-            if _cost(stem, size) >= too_slow:
-                continue  # at least as expensive as one that did not fit: no need to time it
-            bs = int(settings["batch_size"])
-            p = probe(settings["model"], k, channels, stem, size, store_size or size, bs, settings["augment"], device,
-                      max_seconds=probe_seconds, max_steps=3)
-            epoch_s = n_train / p["train_img_per_s"] + n_val / p["infer_img_per_s"]
-            fit = int(BUDGET_USE * budget * 60 // epoch_s)
-            probes.append({"stem": stem, "size": size, **p, "epoch_s": round(epoch_s, 1), "epochs_in_budget": fit})
-            if fit >= min_epochs:
-                chosen = (stem, size, why, probes[-1])
-                break
-            too_slow = min(too_slow, _cost(stem, size))
-        if chosen is None:  # nothing fits: the cheapest candidate
-            best = min(range(len(probes)), key=lambda i: probes[i]["epoch_s"])
-            stem, size = probes[best]["stem"], probes[best]["size"]
-            chosen = (*next(c for c in cands if c[:2] == (stem, size)), probes[best])
-            chosen = (chosen[0], chosen[1], chosen[2] + " (the cheapest candidate; none fits "
-                                                       f"{min_epochs} epochs in {budget:g} min)", chosen[3])
-    stem, size, why, measured = chosen
+        decide("folds", folds, f"{n_total} train+val images: one validation split is large enough" if folds == 0
+               else "")
+    folds = int(settings["folds"])
+    if folds >= 2:
+        models_trained = folds + bool(fixed.get("refit"))
+        fold_train, fold_val = n_total * (folds - 1) // folds, n_total // folds
+    else:
+        fold_train, fold_val = n_train, n_val
+    search = _choose_size(cands, measure, fold_train, fold_val, budget / models_trained)
+    stem, size, why, measured = search["chosen"]
     if base is None:
         decide("size", size, why)
         decide("stem", stem, f"{stem} stem for {size} px inputs" + ("" if stem == "imagenet" else " (keeps full resolution)"))
     else:
         settings["size"], reasons["size"] = size, why
         settings["stem"], reasons["stem"] = stem, "inherited from the base model"
-
-    if epochs_fixed:
+    per_model = f" (the budget split over {models_trained} models)" if models_trained > 1 else ""
+    if "epochs" in fixed:
         decide("epochs", fixed["epochs"], "")
         reasons["epochs"] = "set by you (so no timing probe)"
     elif measured is not None:
         fit = measured["epochs_in_budget"]
-        cap = MAX_EPOCHS if n_train >= 1000 else 100
+        cap = MAX_EPOCHS if fold_train >= 1000 else 100
         epochs = max(1, min(cap, fit))
         decide("epochs", epochs, f"{measured['train_img_per_s']:.0f} img/s measured here → {measured['epoch_s']:.0f} s per "
-                                 f"epoch; {BUDGET_USE:.0%} of {budget:g} min fits {fit}" + (f", capped at {cap}" if fit > cap else ""))
+                                 f"epoch; {BUDGET_USE:.0%} of {budget / models_trained:.3g} min{per_model} fits {fit}"
+                                 + (f", capped at {cap}" if fit > cap else ""))
     else:
         decide("epochs", TrainConfig().epochs, "no timing probe: the default")
     epochs = int(settings["epochs"])
     decide("warmup_epochs", round(min(1.0, max(0.2, 0.1 * epochs)), 2), "linear warm-up over ~10% of training (≤ 1 epoch)")
-    decide("patience", 0 if epochs <= 10 else max(5, epochs // 3),
-           "off: a short cosine schedule peaks at its end" if epochs <= 10
-           else "a third of the schedule without validation gain")
-    steps = epochs * steps_per_epoch(n_train, int(settings["batch_size"]))
+    if folds >= 2:
+        decide("patience", 0, "off: every fold trains its whole schedule, so its held-out fold chooses nothing")
+    else:
+        decide("patience", 0 if epochs <= 10 else max(5, epochs // 3),
+               "off: a short cosine schedule peaks at its end" if epochs <= 10
+               else "a third of the schedule without validation gain brings the schedule to an early end")
+    decide("checkpoint", *_checkpoint_rule(folds, fold_val))
+    steps = epochs * steps_per_epoch(fold_train, int(settings["batch_size"]))
     use_ema = steps >= 1500
     decay = round(min(0.999, 1 - 20 / steps), 4) if use_ema else 0.0
     decide("ema", decay, f"EMA of the weights over ~{int(1 / (1 - decay)) if use_ema else 0} of {steps} steps: a smoother, "
                          "better-generalising checkpoint" if use_ema else f"off: {steps} steps are too few to average over")
+    probes = measure.results
+    min_epochs = _min_epochs(fold_train)
     settings = {name: settings[name] for name in PLANNED}
     reasons = {name: reasons[name] for name in PLANNED}
     return {"settings": settings, "reasons": reasons, "probe": probes, "min_epochs": min_epochs,

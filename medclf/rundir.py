@@ -7,7 +7,9 @@ Only such a folder is ever replaced, and only file by file; a run whose first ep
 from __future__ import annotations
 
 import csv
+import re
 import secrets
+import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +22,8 @@ from .errors import MedclfError
 MARKER = "config.yaml"
 RUN_FILES = frozenset({
     MARKER, "plan.yaml", "fingerprint.json", "splits.csv", "skipped.txt", "history.csv", "model.pt", "last.pt",
-    "last.pt.tmp", "metrics.json", "curves.png", "confusion_matrix.png", "roc.png", "report.html"})
+    "last.pt.tmp", "metrics.json", "curves.png", "confusion_matrix.png", "roc.png", "report.html", "oof.csv"})
+RUN_FOLDERS = re.compile(r"fold-\d+|refit")  # cross-validation's sub-runs (medclf/crossval.py): run files only
 
 
 def is_temporary(name: str) -> bool:
@@ -60,10 +63,14 @@ def prepare_run_dir(out: str | Path | None, data_name: str, data_root: str | Pat
 
 
 # any of these means an epoch finished (a finished run may have had its last.pt deleted to save space)
-FINISHED_EPOCH_FILES = ("last.pt", "model.pt", "metrics.json", "history.csv")
+FINISHED_EPOCH_FILES = ("last.pt", "model.pt", "metrics.json", "history.csv", "fold-1/last.pt")
 
 
 def _is_run_file(path: Path) -> bool:
+    """A file medclf writes into a run, or a cross-validation sub-run folder that holds nothing else."""
+    if path.is_dir() and not path.is_symlink():
+        return bool(RUN_FOLDERS.fullmatch(path.name)) and all(
+            (p.name in RUN_FILES or is_temporary(p.name)) and p.is_file() for p in path.iterdir())
     return (path.name in RUN_FILES or is_temporary(path.name)) and path.is_file()
 
 
@@ -79,12 +86,13 @@ def clear_run_files(path: Path) -> None:
     """Delete the files medclf writes into a run (and leftover temporaries), nothing else."""
     for p in path.iterdir():
         if _is_run_file(p):
-            p.unlink()
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def remove_temporaries(path: Path) -> None:
     """Temporary files a killed write left behind; the finished artifacts beside them are intact."""
-    for p in path.iterdir():
+    for p in [*path.iterdir(), *(q for d in path.iterdir() if d.is_dir() and RUN_FOLDERS.fullmatch(d.name)
+                                 for q in d.iterdir())]:
         if is_temporary(p.name) and p.is_file():
             p.unlink()
 

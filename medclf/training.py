@@ -7,14 +7,15 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import atomic, models, rundir, runtime
+from . import atomic, crossval, models, rundir, runtime
+from .schedule import epochs_that_fit, make_scheduler, saturated, schedule_of, tail_steps
 from .planning import PLANNED, balance_for, fingerprint, format_plan, make_plan, save_plan, steps_per_epoch
 from .config import TrainConfig, load_yaml, save_yaml
 from .data import sources, splits
@@ -23,7 +24,7 @@ from .data.store import Store, build_store, cache_root, native_size, probe_chann
 from .errors import MedclfError
 from .evaluation import choose_threshold
 from .inference import predict_store
-from .metrics import evaluate_predictions
+from .metrics import METHOD_VAL, METHOD_VAL_SELECTED, estimate, evaluate_predictions
 from .serialize import json_safe, plain
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_auc",
@@ -102,40 +103,6 @@ def epoch_order(n: int, labels: torch.Tensor, balance: str, k: int, generator: t
     return torch.randperm(n, generator=generator)
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine", clock: float = 0.0) -> float:
-    """The learning rate at optimizer step `step` (0-based) of `total`, as a fraction of the peak: linear
-    warm-up over `warmup` steps, then constant or a cosine that reaches 0 exactly on the last step.
-
-    `clock` (the fraction of the time budget spent) moves the cosine ahead of the step count when the clock,
-    not the steps, will end training, so the rate has decayed when the budget stops a slower-than-probed run.
-    It counts in whole steps, so a budget that is far from binding leaves the schedule exactly as planned.
-    """
-    assert total >= 1 and 0 <= warmup < max(total, 1) and step >= 0 and clock >= 0
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    decay_steps = total - warmup - 1  # the last step has decayed fully
-    done = max(step - warmup, round(clock * decay_steps))
-    progress = min(1.0, done / decay_steps) if decay_steps > 0 else 0.0
-    return 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps: int,
-                   budget_used: Callable[[], float] | None = None):
-    """`lr_factor` per optimizer step (`steps` per epoch, from `steps_per_epoch`), or the plateau rule per epoch."""
-    if cfg.schedule == "plateau":  # fed monitor_score, which is higher-is-better for every monitor (loss negated)
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
-                                                          patience=max(1, cfg.patience // 2))
-    total = cfg.epochs * steps
-    warmup = min(int(cfg.warmup_epochs * steps), total // 2)
-
-    def factor(step: int) -> float:
-        return lr_factor(step, total, warmup, cfg.schedule, budget_used() if budget_used is not None else 0.0)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr if cfg.lr is not None else (0.05 if cfg.optimizer == "sgd" else 1e-3)
@@ -150,11 +117,14 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 def train_one_epoch(model, store: Store, order: torch.Tensor, spec: dict, optimizer, scheduler, loss_fn,
                     cfg: TrainConfig, env: dict, generator: torch.Generator, ema=None, desc: str = "",
-                    deadline: float | None = None) -> float:
-    """One pass over `order` (cut short at `deadline`, a perf_counter time); returns the mean training loss."""
+                    deadline: float | None = None, max_steps: int | None = None) -> float:
+    """One pass over `order`, or its first `max_steps` batches when the schedule ends inside this epoch (cut short
+    at `deadline`, a perf_counter time, as a last resort); returns the mean training loss."""
     model.train()
     preset = PRESETS[cfg.augment]
     batches = order.split(cfg.batch_size)[:steps_per_epoch(len(order), cfg.batch_size)]
+    if max_steps is not None:
+        batches = batches[:max(0, max_steps)]
     total, seen = 0.0, 0
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not env["progress"])
     for idx in bar:
@@ -232,25 +202,23 @@ def _disk_full_is_one_line(where: str):
 
 def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool, resume: str | None,
            progress: bool) -> dict:
-    base = models.read_checkpoint(cfg.weights) if cfg.weights not in ("none", "imagenet") else None
+    base = models.read_base(cfg.weights) if cfg.weights not in ("none", "imagenet") else None
     source, the_plan = None, None
     if cfg.plan and not resume and not set(PLANNED) <= explicit:
         source = open_data(cfg)
         the_plan = apply_plan(cfg, source, base, explicit, progress)
     facts = the_plan["fingerprint"] if the_plan is not None else None
-    gen = runtime.seed_everything(cfg.seed)
+    if cfg.refit and cfg.folds < 2:
+        raise MedclfError("--refit retrains on everything after cross-validation: it needs --folds K (K >= 2)")
+    runtime.seed_everything(cfg.seed)
     with _disk_full_is_one_line(cache_root(cfg.cache_dir)):
         source, stores, spec, skipped = load_data(cfg, base, source, facts)
     spec["weights"] = "none" if base is None and cfg.weights != "imagenet" else cfg.weights
     device = runtime.pick_device(cfg.device)
     precision = runtime.pick_precision(cfg.precision, device)
     channels_last = runtime.use_channels_last(cfg.channels_last, device, precision)
-    k = spec["num_classes"]
-    train_store, val_store = stores["train"], stores["val"]
-    balance = resolve_balance(cfg, train_store.labels, k, facts)
-    model = build(cfg, spec, base).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    train_model = torch.compile(model) if cfg.compile else model
-    optimizer = make_optimizer(cfg, model)
+    balance = resolve_balance(cfg, stores["train"].labels, spec["num_classes"], facts)
+    build(cfg, spec, base)  # the model is built once before any file is written: a base that does not fit fails here
     split_files = ({s: st.ids for s, st in stores.items()}, {s: st.labels.numpy() for s, st in stores.items()},
                    source.classes)
     # everything above validates the settings and the data: only now is the run directory made (or checked)
@@ -264,76 +232,130 @@ def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool
     resolved = {**cfg.to_dict(), "size": spec["input_size"], "channels": spec["in_chans"], "stem": spec["stem"],
                 "model": spec["arch"], "balance": balance, "device": str(device), "precision": precision,
                 "channels_last": channels_last}
+    env = {"device": device, "precision": precision, "channels_last": channels_last, "progress": progress,
+           "balance": balance}
+    if cfg.folds >= 2:
+        if not resume:
+            _write_run_files(out, resolved, the_plan, split_files, skipped)
+        return crossval.train_folds(cfg, source, stores, spec, base, env, out, resolved)
     if not resume:
         _write_run_files(out, resolved, the_plan, split_files, skipped)
+    print(f"medclf: {len(stores['train'])} train / {len(stores['val'])} val images, {spec['num_classes']} classes, "
+          f"{spec['arch']} ({spec['stem']} stem, {spec['input_size']} px, {spec['in_chans']} ch) on "
+          f"{runtime.describe(device, precision, channels_last)} → {out}")
+    fitted = fit(cfg, spec, base, stores["train"], stores["val"], out, env, state, resolved)
+    if not (out / "model.pt").is_file():
+        raise MedclfError(f"training produced no usable checkpoint in {out}: the validation loss was not finite in any "
+                          f"of {len(fitted['history'])} epoch(s) (the model diverged); try a lower --lr")
+    metrics = finish_run(out, stores, spec, cfg, device, precision, channels_last)
+    return {"out": str(out), "metrics": metrics, "history": fitted["history"]}
 
+
+def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val_store: Store | None, out: Path,
+        env: dict, state: dict | None, resolved: dict, desc: str = "", resume_dir: Path | None = None) -> dict:
+    """Train one model on `train_store`, validating on `val_store` (None: no validation, e.g. a refit on all data)
+    after each epoch; writes out/model.pt, last.pt and history.csv. Returns {"history", "stop_reason"}.
+
+    The schedule always completes: early stopping, saturated validation and the time budget bring its end
+    forward (it anneals to 0 over a short tail) instead of stopping at a high learning rate.
+    `cfg.checkpoint`: "final" keeps the weights (EMA when on) of the last epoch, "best" those of the best
+    validation epoch (the plan chooses best only where validation is large enough to rank epochs)."""
+    device, precision, channels_last = env["device"], env["precision"], env["channels_last"]
+    k = spec["num_classes"]
+    gen = runtime.seed_everything(cfg.seed)
+    model = build(cfg, spec, base).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    train_model = torch.compile(model) if cfg.compile else model
+    optimizer = make_optimizer(cfg, model)
     steps = steps_per_epoch(len(train_store), cfg.batch_size)
-    started = time.perf_counter() - (state or {}).get("elapsed", 0.0)  # the time budget's clock, continued on resume
-    budget_used = (lambda: (time.perf_counter() - started) / (cfg.time_budget * 60)) if cfg.time_budget else None
-    scheduler = make_scheduler(cfg, optimizer, steps, budget_used)
-    weight = class_weights(train_store.labels, k).to(device) if balance == "weight" else None
+    scheduler = make_scheduler(cfg, optimizer, steps)
+    sched = schedule_of(scheduler)
+    finishable = sched is not None and sched.kind == "cosine"  # a constant rate is the user's choice: it just stops
+    weight = class_weights(train_store.labels, k).to(device) if env["balance"] == "weight" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     ema = None
     if cfg.ema > 0:
         ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
                                                   use_buffers=True)
-    env = {"device": device, "precision": precision, "channels_last": channels_last, "progress": progress,
-           "scaler": torch.amp.GradScaler(device.type, enabled=precision == "fp16")}
+    env = {**env, "scaler": torch.amp.GradScaler(device.type, enabled=precision == "fp16")}
     history, best, start_epoch = [], -math.inf, 0
     if state is not None:
         history, best, start_epoch = _restore(state, model, ema, optimizer, scheduler, env["scaler"], gen, out)
-    print(f"medclf: {len(train_store)} train / {len(val_store)} val images, {k} classes, {spec['arch']} "
-          f"({spec['stem']} stem, {spec['input_size']} px, {spec['in_chans']} ch) on "
-          f"{runtime.describe(device, precision, channels_last)} → {out}")
-
-    bad_epochs = _epochs_since_best(history, cfg.monitor)
+    started = time.perf_counter() - (state or {}).get("elapsed", 0.0)  # the time budget's clock, continued on resume
     deadline = started + cfg.time_budget * 60 if cfg.time_budget else None
-    epochs = tqdm(range(start_epoch, cfg.epochs), desc="epochs", unit="epoch", initial=start_epoch, total=cfg.epochs,
-                  disable=not progress)
-    stop_reason = "completed"
+    bad_epochs = _epochs_since_best(history, cfg.monitor)
+    stop_reason = (state or {}).get("stop_reason") or "completed"
+    n_val = len(val_store) if val_store is not None else 0
+    epochs = tqdm(range(start_epoch, cfg.epochs), desc=f"{desc}epochs".strip(), unit="epoch", initial=start_epoch,
+                  total=cfg.epochs, disable=not env["progress"])
     try:
         for epoch in epochs:
+            if sched is not None and sched.done(scheduler.last_epoch):
+                break  # resumed after the schedule's last step: nothing left to train
             t0 = time.perf_counter()
-            order = epoch_order(len(train_store), train_store.labels, balance, k, gen)
+            order = epoch_order(len(train_store), train_store.labels, env["balance"], k, gen)
+            left = sched.last_step + 1 - scheduler.last_epoch if sched is not None else None
             train_loss = train_one_epoch(train_model, train_store, order, spec, optimizer, scheduler, loss_fn, cfg,
-                                         env, gen, ema, desc=f"epoch {epoch + 1}", deadline=deadline)
+                                         env, gen, ema, desc=f"{desc}epoch {epoch + 1}", deadline=deadline,
+                                         max_steps=left)
             scored = ema.module if ema is not None else model
-            probs = predict_store(scored, val_store, spec, device, precision, channels_last)
-            row = {"epoch": epoch + 1, "train_loss": train_loss, **validation_row(probs, val_store.labels.numpy(), spec["classes"]),
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
+            if val_store is not None:
+                probs = predict_store(scored, val_store, spec, device, precision, channels_last)
+                row.update(validation_row(probs, val_store.labels.numpy(), spec["classes"]))
+            row["seconds"] = time.perf_counter() - t0
             history.append(row)
-            score = monitor_score(row, cfg.monitor)
+            score = monitor_score(row, cfg.monitor) if val_store is not None else math.inf
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(score)
             extra = {"config": resolved, "epoch": epoch + 1, "val": {k2: v for k2, v in row.items() if k2.startswith("val_")}}
-            if score > best:
-                best, bad_epochs = score, 0
+            improved = score > best
+            best, bad_epochs = (score, 0) if improved else (best, bad_epochs + 1)
+            if cfg.checkpoint == "final" and math.isfinite(row.get("val_loss", 0.0)) or cfg.checkpoint == "best" and improved:
                 atomic.torch_save(models.checkpoint_dict(scored, spec, extra), out / "model.pt")
-            else:
-                bad_epochs += 1
+            done = sched is not None and sched.done(scheduler.last_epoch)
+            if not done:
+                taken = scheduler.last_epoch if sched is not None else (epoch + 1) * steps  # optimizer steps so far
+                ending = _early_end(cfg, history, bad_epochs, n_val, deadline, epoch, steps, sched, taken, finishable)
+                if ending is not None:
+                    stop_reason, done = ending
             _save_last(out, model, ema, spec, extra, optimizer, scheduler, env["scaler"],
                        {"history": history, "best": best, "epoch": epoch + 1, "generator": gen.get_state(),
-                        "elapsed": time.perf_counter() - started})
+                        "elapsed": time.perf_counter() - started, "stop_reason": stop_reason})
             write_history(out / "history.csv", history)
             epochs.set_postfix(loss=f"{train_loss:.4f}", **{f"val_{cfg.monitor}": f"{row.get(f'val_{cfg.monitor}', 0) or 0:.4f}"})
-            if cfg.patience and bad_epochs >= cfg.patience:
-                stop_reason = f"early stop: no {cfg.monitor} gain in {cfg.patience} epochs"
-                break
-            elapsed = time.perf_counter() - started
-            if cfg.time_budget and (elapsed + elapsed / (epoch + 1) > cfg.time_budget * 60
-                                    or time.perf_counter() > deadline):
-                stop_reason = f"time budget of {cfg.time_budget:g} min reached"
+            if done or (deadline is not None and time.perf_counter() > deadline):
                 break
     except KeyboardInterrupt:
         epochs.close()
-        raise KeyboardInterrupt(_interrupted_message(out)) from None
+        raise KeyboardInterrupt(_interrupted_message(resume_dir or out, out)) from None
     epochs.close()
-    print(f"{stop_reason} after {len(history)} epoch(s), {time.perf_counter() - started:.0f} s")
-    if not (out / "model.pt").is_file():
-        raise MedclfError(f"training produced no usable checkpoint in {out}: the validation loss was not finite in any "
-                          f"of {len(history)} epoch(s) (the model diverged); try a lower --lr")
-    metrics = finish_run(out, stores, spec, cfg, device, precision, channels_last)
-    return {"out": str(out), "metrics": metrics, "history": history}
+    print(f"{desc}{stop_reason}: {len(history)} epoch(s), {scheduler.last_epoch if sched else '?'} steps, "
+          f"{time.perf_counter() - started:.0f} s")
+    return {"history": history, "stop_reason": stop_reason}
+
+
+def _early_end(cfg: TrainConfig, history: list[dict], bad_epochs: int, n_val: int, deadline: float | None, epoch: int, steps: int, sched, taken: int, finishable: bool
+               ) -> tuple[str, bool] | None:
+    """Whether training ends before its planned epochs: (why, stop now). A finishable (cosine) schedule does not
+    stop at once: its end is brought forward to a short annealing tail, and training stops when that has run."""
+    reason, last = None, None
+    tail = tail_steps(sched.total if sched else cfg.epochs * steps, steps)
+    if cfg.patience and bad_epochs >= cfg.patience:
+        reason, last = f"early stop: no {cfg.monitor} gain in {cfg.patience} epochs", taken + tail - 1
+    elif cfg.stop_saturated and saturated(history, n_val):
+        reason, last = f"validation saturated (no errors on {n_val} images)", taken + tail - 1
+    if deadline is not None:
+        fit_more = epochs_that_fit(deadline - time.perf_counter(), [r["seconds"] for r in history])
+        planned_last = sched.last_step if sched else (cfg.epochs - epoch - 1) * steps + taken - 1
+        budget_last = taken + fit_more * steps - 1
+        if budget_last < planned_last and (last is None or budget_last < last):
+            reason, last = f"time budget of {cfg.time_budget:g} min", budget_last
+    if reason is None or (finishable and last >= sched.last_step):
+        return None  # nothing ends sooner than already planned
+    if not finishable or last < taken:
+        return reason, True
+    sched.finish_at(taken, last)
+    return f"{reason}; schedule finished over {sched.last_step + 1 - taken} more step(s)", False
 
 
 def _write_run_files(out: Path, resolved: dict, the_plan: dict | None, split_files: tuple, skipped: list[str]) -> None:
@@ -347,8 +369,13 @@ def _write_run_files(out: Path, resolved: dict, the_plan: dict | None, split_fil
         print(f"skipped {len(skipped)} unreadable image(s); listed in {out / 'skipped.txt'}")
 
 
-def _interrupted_message(out: Path) -> str:
-    if (out / "last.pt").is_file():
+def read_fold_state(folder: Path) -> dict | None:
+    """A fold's (or refit's) last.pt to continue from, None when it never finished an epoch."""
+    return models.read_resume_state(folder / "last.pt") if (folder / "last.pt").is_file() else None
+
+
+def _interrupted_message(out: Path, saved_in: Path | None = None) -> str:
+    if ((saved_in or out) / "last.pt").is_file() or any(out.glob("fold-*/last.pt")):
         return f"the last finished epoch is saved: resume with `medclf train --resume {out}`"
     return f"no epoch finished, so there is nothing to resume; the same command starts over (it replaces {out})"
 
@@ -372,10 +399,13 @@ def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig
     if threshold is not None:  # predict/evaluate reuse the validation threshold
         ckpt["threshold"] = threshold
         atomic.torch_save(ckpt, out / "model.pt")
+    if "val" in curves and len(curves["val"][0]):
+        method = METHOD_VAL if cfg.checkpoint == "final" else METHOD_VAL_SELECTED
+        results["estimate"] = estimate(*curves["val"], spec["classes"], method)
     results = json_safe(results)
     atomic.write_text(out / "metrics.json", json.dumps(results, indent=2))
     summary = ", ".join(f"{s} acc {r['accuracy']:.4f} auc {r['auc'] if r['auc'] is None else round(r['auc'], 4)}"
-                        for s, r in results.items())
+                        for s, r in results.items() if s in ("val", "test"))
     print(f"{summary} → {out}")
     from .reporting import run_report  # matplotlib: imported once training is done
 
@@ -437,6 +467,8 @@ def apply_plan(cfg: TrainConfig, source: sources.Source, base: dict | None, expl
         fixed["channels"] = cfg.channels
     if cfg.weights not in ("none", None):
         fixed["weights"] = cfg.weights
+    if cfg.refit:
+        fixed["refit"] = True
     result = make_plan(fp, cfg.time_budget, base, fixed, cfg.device)
     result["fingerprint"] = fp
     for name, value in result["settings"].items():
@@ -455,10 +487,11 @@ def _resolve_config(config, resume: str | None, overrides: dict) -> tuple[TrainC
     state = None
     if resume:
         run = Path(resume)
-        if not (run / "last.pt").is_file():
+        folds_run = (run / "config.yaml").is_file() and (load_yaml(run / "config.yaml").get("folds") or 0) >= 2
+        if not folds_run and not (run / "last.pt").is_file():
             raise MedclfError(f"cannot resume {run}: no last.pt there")
         values.update(load_yaml(run / "config.yaml"))
-        state = models.read_resume_state(run / "last.pt")
+        state = None if folds_run else models.read_resume_state(run / "last.pt")  # folds: each fold has its own
         # the resolved config names the picked device/precision; re-pick them on this machine
         values.update({"device": "auto", "precision": "auto", "channels_last": None})
         explicit |= set(values)

@@ -67,7 +67,7 @@ def npz_file(tmp_path) -> Path:
     return path
 
 
-FAST_FLAGS = ["--epochs", "2", "--batch-size", "16", "--patience", "0"]
+FAST_FLAGS = ["--epochs", "2", "--batch-size", "16", "--patience", "0", "--folds", "0"]
 
 
 def interrupt_second_epoch(monkeypatch):

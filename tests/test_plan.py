@@ -193,24 +193,3 @@ def test_fixed_epochs_skip_the_probe(tmp_path, monkeypatch):
     result = medclf.plan(str(npz), verbose=False, epochs=1)
     assert time.perf_counter() - t0 < 2 and result["probe"] == []
     assert result["settings"]["epochs"] == 1
-
-
-def test_cosine_follows_the_clock_when_the_budget_binds():
-    import torch
-    from medclf.training import make_scheduler
-
-    def lrs(budget_used):
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        sched = make_scheduler(TrainConfig(epochs=10, warmup_epochs=1), opt, 10, budget_used)
-        out = []
-        for _ in range(100):
-            out.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sched.step()
-        return out
-
-    by_steps = lrs(None)
-    assert lrs(lambda: 0.0) == by_steps  # a budget that is not binding changes nothing
-    assert by_steps[9] == 1.0 and by_steps[50] > 0.4
-    # nearly the whole budget already spent: after warm-up the rate is ~0
-    assert max(lrs(lambda: 0.999)[10:]) < 1e-5

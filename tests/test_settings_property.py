@@ -15,7 +15,8 @@ from medclf import runtime
 from medclf.cli import main
 from medclf.config import TrainConfig, setting_label
 from medclf.errors import MedclfError
-from medclf.training import make_optimizer, make_scheduler
+from medclf.schedule import make_scheduler
+from medclf.training import make_optimizer
 
 from conftest import write_class_folders
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import medclf
-from medclf import rundir, training
+from medclf import rundir, schedule, training
 from medclf.cli import main
 from medclf.comparison import fixed_splits
 from medclf.config import TrainConfig
@@ -27,22 +27,6 @@ train_module = training
                                               (1, 16, 1), (16, 16, 1), (17, 16, 1)])
 def test_steps_per_epoch_counts_the_batches_trained(n, batch, expected):
     assert steps_per_epoch(n, batch) == expected
-
-
-@pytest.mark.parametrize("total,warmup", [(20, 0), (20, 5), (7, 3), (3, 1), (100, 10)])
-def test_lr_factor_warms_up_then_reaches_zero_exactly_on_the_last_step(total, warmup):
-    lrs = [train_module.lr_factor(step, total, warmup) for step in range(total)]
-    assert lrs[:warmup] == pytest.approx([(i + 1) / warmup for i in range(warmup)])
-    assert lrs[-1] == 0.0 and all(lr > 0 for lr in lrs[:-1])
-    decay = lrs[warmup:]
-    assert decay[0] == 1.0 and all(a > b for a, b in zip(decay, decay[1:]))
-    assert train_module.lr_factor(3, total, 0, "constant") == 1.0
-
-
-def test_lr_factor_follows_the_clock_only_when_it_is_ahead():
-    plain = [train_module.lr_factor(s, 50, 5) for s in range(50)]
-    assert [train_module.lr_factor(s, 50, 5, clock=1e-4) for s in range(50)] == plain  # far from binding
-    assert train_module.lr_factor(10, 50, 5, clock=1.0) == 0.0  # the budget is spent: the rate is down
 
 
 def _data(root, n_train):
@@ -64,7 +48,7 @@ def test_training_ends_its_cosine_on_its_last_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "make_optimizer", recording)
     medclf.train(data=str(data), epochs=2, batch_size=16, patience=0, warmup_epochs=0.5, lr=1e-3, plan=False,
-                 out=str(tmp_path / "run"), progress=False)
+                 stop_saturated=False, out=str(tmp_path / "run"), progress=False)
     assert len(lrs) == 6
     assert lrs[-1] == 0.0 and min(lrs[:-1]) > 0
 
@@ -72,7 +56,7 @@ def test_training_ends_its_cosine_on_its_last_step(tmp_path, monkeypatch):
 def test_plateau_lowers_the_rate_only_when_the_loss_stops_improving():
     cfg = TrainConfig(schedule="plateau", monitor="loss", patience=2)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = train_module.make_scheduler(cfg, optimizer, 10)
+    scheduler = schedule.make_scheduler(cfg, optimizer, 10)
     for loss in (1.0, 0.8, 0.6, 0.5, 0.4):
         scheduler.step(train_module.monitor_score({"val_loss": loss}, "loss"))
     assert optimizer.param_groups[0]["lr"] == 1.0
@@ -85,7 +69,7 @@ def test_plan_sizes_the_ema_by_the_steps_actually_taken():
     fp = {"data": "x", "name": "x", "kind": "npz", "classes": ["a", "b"], "num_classes": 2,
           "images": {"train": 1000, "val": 100}, "imbalance_ratio": 1.0, "short_side": {"median": 28},
           "channels": 1, "bit_depth": 8}
-    plan = make_plan(fp, fixed={"epochs": 50})
+    plan = make_plan(fp, fixed={"epochs": 50, "folds": 0})
     steps = 50 * steps_per_epoch(1000, plan["settings"]["batch_size"])
     assert steps == 1600
     assert plan["settings"]["ema"] == round(1 - 20 / steps, 4) and f"of {steps} steps" in plan["reasons"]["ema"]
