@@ -8,7 +8,6 @@ from datetime import datetime
 import pytest
 import torch
 
-import medclf
 from medclf import rundir, schedule, training
 from medclf.cli import main
 from medclf.comparison import fixed_splits
