@@ -17,7 +17,8 @@ from medclf.metrics import METHOD_VAL, SMALL_ESTIMATE_N, estimate
 from medclf.reporting.html import fmt
 from medclf.reporting.run_report import report
 
-from conftest import FAST_FLAGS, fake_folds_run, make_image, make_split_folder, write_class_folders
+from conftest import FAST_FLAGS, make_image, make_split_folder, write_class_folders
+from foldsrun import fake_folds_run
 from htmlcheck import needs_chromium, assert_self_contained, check_numbers, injected, parse, render
 
 
@@ -236,7 +237,10 @@ def test_train_writes_the_report_for_a_three_class_npz(npz_file, tmp_path):
     text = (run / "report.html").read_text()
     assert_self_contained(text)
     metrics = json.loads((run / "metrics.json").read_text())
-    assert check_numbers(text, metrics) == 2 * (4 + 3 * 5)  # headline + 5 per class; no threshold with 3 classes
+    estimated = sum(k[0] == "estimate" for k, _, _ in parse(text).found)
+    assert estimated == (4 * 3 + 1 if "estimate" in metrics else 0)  # value and CI per headline metric, n
+    # val and test: headline + 5 per class; no threshold with 3 classes
+    assert check_numbers(text, metrics) == 2 * (4 + 3 * 5) + estimated
     assert "at threshold" not in text and "row " in text  # npz mistakes are named by their row
 
 
