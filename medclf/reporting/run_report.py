@@ -169,7 +169,8 @@ def _expectation(saved: dict, evaluated: dict, classes: list[str], n_boot: int) 
             f'confidence intervals, from {H.num(est["n"], at("n"), 0)} images: {method_words(est["method"])}</p>')
     warnings = "".join(f'<p class="note">{H.esc(w)}</p>' for w in est["warnings"])
     origin = ("" if key is not None else '<p class="muted">metrics.json of this run has no estimate (made by an '
-              "older medclf): computed here from its validation predictions.</p>")
+              f"older medclf): computed here from its {'out-of-fold' if 'oof' in evaluated else 'validation'} "
+              "predictions.</p>")
     return text + warnings + H.table(["metric", "expected value", "95% CI"], rows) + origin
 
 
