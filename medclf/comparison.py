@@ -2,7 +2,8 @@
 
 Writes OUT/<arm>-seed<k>/ (ordinary runs, each with its report.html), OUT/comparison.json and
 OUT/comparison.html. Per-arm numbers are mean ± std over seeds; pairwise tests pool each arm's
-seeds by averaging its per-image probabilities, then compare the two arms on the same images.
+seeds by averaging its per-image probabilities, then compare the two arms on the same images:
+the runs' out-of-fold predictions when all ran with --folds, else their predictions on one split.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .data import sources
 from .errors import MedclfError
 from .inference import load_for_inference, split_store
 from .metrics import evaluate_predictions
+from .oof import OOF_FILE, read_oof
 from .serialize import json_safe
 from .reporting.comparison import summary_text, write_comparison_html
 from .stats import delong_auc_test, mcnemar_test, mean_std, paired_bootstrap_diff
@@ -29,6 +31,7 @@ from .training import train
 
 NOT_COMPARED = {"device", "precision", "channels_last", "compile", "cache", "cache_dir", "out", "skip_bad"}
 NOT_PER_ARM = {"data", "out", "seed"}
+OUT_OF_FOLD = "out-of-fold"
 
 
 def compare(data: str, weights: str | list[str] | None = None, arms: str | Path | dict | None = None,
@@ -250,26 +253,27 @@ def _train_or_reuse(data: str, run_dir: Path, settings: dict, force: bool, progr
 
 def evaluate_arms(data: str, run_dirs: dict[str, list[Path]], arm_flags: dict, seed_list: list[int], common: dict,
                   n_boot: int) -> tuple[dict, dict[str, np.ndarray], np.ndarray, list[str]]:
-    """Predict every run on the same split; per-arm mean ± std and pairwise tests."""
-    source = sources.open_source(data)
-    split = "test" if "test" in source.splits else "val"
-    device = common.get("device", "auto")
+    """Every run's predictions on the same images; per-arm mean ± std and pairwise tests."""
+    split, compared_on = compared_predictions(data, run_dirs)
     ids = labels = classes = None
     arms: dict[str, dict] = {}
     pooled: dict[str, np.ndarray] = {}
     for arm, dirs in run_dirs.items():
         runs, per_metric, arm_probs = [], {}, []
         for seed, run_dir in zip(seed_list, dirs):
-            loaded = load_for_inference(run_dir, device, common.get("precision", "auto"))
-            ckpt = loaded.ckpt
-            store, _ = split_store(ckpt, data, split, bool(common.get("skip_bad")), bool(common.get("cache", True)))
-            tta = bool(load_yaml(run_dir / "config.yaml").get("tta"))
-            probs = loaded.predict(store, tta=tta, desc=f"{arm} seed {seed}")
+            if split == OUT_OF_FOLD:
+                oof = read_oof(run_dir)
+                run_ids, run_labels, probs, run_classes = oof.ids, oof.labels, oof.probs, oof.classes
+            else:
+                run_ids, run_labels, probs, run_classes = _split_predictions(run_dir, data, split, common,
+                                                                             f"{arm} seed {seed}")
             if ids is None:
-                ids, labels, classes = list(store.ids), store.labels.numpy(), list(ckpt["classes"])
-            elif list(store.ids) != ids or list(ckpt["classes"]) != classes:
-                raise MedclfError(f"{run_dir} was not evaluated on the same images or classes as the other runs")
-            run_metrics = evaluate_predictions(labels, probs, classes, ckpt.get("threshold"))
+                ids, labels, classes = run_ids, run_labels, run_classes
+            elif run_classes != classes:
+                raise MedclfError(f"{run_dir} has other classes than the other runs ({', '.join(run_classes)})")
+            else:
+                probs = _aligned(ids, labels, run_ids, run_labels, probs, run_dir, split)
+            run_metrics = evaluate_predictions(labels, probs, classes)
             for name, value in metrics.metric_values(run_metrics, classes).items():
                 per_metric.setdefault(name, []).append(np.nan if value is None else value)
             runs.append({"seed": seed, "dir": str(run_dir)})
@@ -284,9 +288,52 @@ def evaluate_arms(data: str, run_dirs: dict[str, list[Path]], arm_flags: dict, s
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             pairwise += pair_tests(labels, pooled[a], pooled[b], classes, a, b, n_boot, len(seed_list))
-    result = {"arms": arms, "pairwise": pairwise, "split": split, "n_images": int(len(labels)),
-              "classes": classes, "seeds": seed_list}
+    result = {"arms": arms, "pairwise": pairwise, "split": split, "compared_on": compared_on,
+              "n_images": int(len(labels)), "classes": classes, "seeds": seed_list}
     return result, pooled, labels, classes
+
+
+def compared_predictions(data: str, run_dirs: dict[str, list[Path]]) -> tuple[str, str]:
+    """(split, in words) of the predictions the arms are compared on: out-of-fold when every run has them,
+    else a split of DATA none of the runs trained on."""
+    with_folds = [(d / OOF_FILE).is_file() for dirs in run_dirs.values() for d in dirs]
+    if all(with_folds):
+        return OUT_OF_FOLD, ("the runs' out-of-fold predictions: every train and val image predicted by the fold "
+                             "model that left it out of training")
+    splits = sources.open_source(data).splits
+    if not any(with_folds):
+        split = "test" if "test" in splits else "val"
+        return split, f"each run's model predicting the {split} split"
+    if "test" not in splits:
+        raise MedclfError("arms ran with and without --folds and DATA has no test split: "
+                          "no images are held out from all of them")
+    return "test", ("each run's model predicting the test split: some runs used --folds and trained on the val "
+                    "images, so test is the only split held out from all of them")
+
+
+def _split_predictions(run_dir: Path, data: str, split: str, common: dict, desc: str
+                       ) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """(image ids, labels, probabilities, classes) of the run's model on one split of DATA."""
+    loaded = load_for_inference(run_dir, common.get("device", "auto"), common.get("precision", "auto"))
+    store, _ = split_store(loaded.ckpt, data, split, bool(common.get("skip_bad")), bool(common.get("cache", True)))
+    tta = bool(load_yaml(run_dir / "config.yaml").get("tta"))
+    probs = loaded.predict(store, tta=tta, desc=desc)
+    return list(store.ids), store.labels.numpy(), probs, list(loaded.ckpt["classes"])
+
+
+def _aligned(ids: list, labels: np.ndarray, run_ids: list, run_labels: np.ndarray, probs: np.ndarray,
+             run_dir: Path, split: str) -> np.ndarray:
+    """`probs` reordered to the first run's images; refused when the run predicted other images or labels."""
+    if run_ids != ids:
+        where = {ident: i for i, ident in enumerate(run_ids)}
+        if len(run_ids) != len(ids) or any(ident not in where for ident in ids):
+            what = f"{OOF_FILE} does not cover" if split == OUT_OF_FOLD else "was not evaluated on"
+            raise MedclfError(f"{run_dir} {what} the same images as the other runs")
+        order = np.array([where[ident] for ident in ids])
+        run_labels, probs = run_labels[order], probs[order]
+    if not np.array_equal(run_labels, labels):
+        raise MedclfError(f"{run_dir} has other labels for the same images than the other runs")
+    return probs
 
 
 def pair_tests(y: np.ndarray, pa: np.ndarray, pb: np.ndarray, classes: list[str], a: str, b: str,

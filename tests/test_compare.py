@@ -12,12 +12,14 @@ from sklearn.metrics import roc_auc_score
 from medclf import metrics as M
 from medclf import models
 from medclf.cli import main
-from medclf.comparison import fixed_splits, pair_tests, resolve_arms, summary_text
+from medclf.comparison import evaluate_arms, fixed_splits, pair_tests, resolve_arms, summary_text
 from medclf.data import sources
 from medclf.errors import MedclfError
+from medclf.oof import read_oof
 from medclf.stats import delong_auc_test, mcnemar_test
 
 from conftest import FAST_FLAGS, make_split_folder, write_class_folders
+from foldsrun import fake_folds_run
 from htmlcheck import CHROMIUM, REQUIRED, needs_chromium, assert_self_contained, check_numbers, injected, parse, render
 
 PAIR_KEYS = {"a", "b", "metric", "difference", "ci95", "p_value"}
@@ -292,3 +294,85 @@ def test_comparison_page_escapes_class_names(tmp_path):
         assert [e for e in injected(dom) if e[0] != "script"] == [] and dom.count("<script") == 1
         assert "sensitivity (&lt;img src=x onerror=alert(1)&gt;)" in dom and "sensitivity (dose$\\foo$)" in dom
         assert len(images) == 3 and all(complete and w > 0 for complete, w, _ in images)
+
+
+# ---------------------------------------------------------------- arms that ran with --folds
+
+@pytest.fixture(scope="module")
+def folds_arms(tmp_path_factory):
+    """One trained run, and two copies of it dressed as --folds runs with different out-of-fold predictions;
+    b's oof.csv rows are shuffled, so comparing them needs aligning by (split, id)."""
+    root = tmp_path_factory.mktemp("folds_arms")
+    data = make_split_folder(root / "xray")
+    run = root / "plain"
+    assert main(["train", str(data), *FAST_FLAGS, "--epochs", "1", "--out", str(run)]) == 0
+    classes = ["NORMAL", "PNEUMONIA"]
+    a = fake_folds_run(run, root / "a", classes, seed=1)
+    b = fake_folds_run(run, root / "b", classes, seed=2)
+    lines = (b / "oof.csv").read_text().splitlines(keepends=True)
+    body = lines[1:]
+    np.random.default_rng(0).shuffle(body)
+    (b / "oof.csv").write_text(lines[0] + "".join(body))
+    return data, run, a, b
+
+
+def _evaluate(data, dirs: dict, n_boot: int = 50):
+    return evaluate_arms(str(data), {arm: [d] for arm, d in dirs.items()}, {arm: {} for arm in dirs}, [0], {}, n_boot)
+
+
+def test_arms_with_folds_are_compared_on_their_out_of_fold_predictions(folds_arms):
+    data, _, a, b = folds_arms
+    result, pooled, labels, classes = _evaluate(data, {"a": a, "b": b})
+    assert result["split"] == "out-of-fold" and "out-of-fold predictions" in result["compared_on"]
+    oof_a, oof_b = read_oof(a), read_oof(b)
+    assert result["n_images"] == len(oof_a.ids) == 64  # train + val of the split folder
+    where = {ident: i for i, ident in enumerate(oof_b.ids)}
+    probs_b = oof_b.probs[[where[ident] for ident in oof_a.ids]]
+    np.testing.assert_array_equal(labels, oof_a.labels)
+    np.testing.assert_array_equal(pooled["b"], probs_b)
+    rows = {r["metric"]: r for r in result["pairwise"]}
+    assert rows["accuracy"]["a_value"] == pytest.approx((oof_a.probs.argmax(1) == labels).mean())
+    assert rows["accuracy"]["b_value"] == pytest.approx((probs_b.argmax(1) == labels).mean())
+    assert rows["auc"]["b_value"] == pytest.approx(roc_auc_score(labels, probs_b[:, 1]))
+    assert result["arms"]["a"]["metrics"]["auc"]["values"] == [pytest.approx(roc_auc_score(labels, oof_a.probs[:, 1]))]
+
+
+def test_out_of_fold_runs_must_cover_the_same_images(folds_arms, tmp_path):
+    data, _, a, b = folds_arms
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "oof.csv").write_text("".join((b / "oof.csv").read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(MedclfError, match="oof.csv does not cover the same images as the other runs"):
+        _evaluate(data, {"a": a, "short": short})
+
+
+def test_arms_with_and_without_folds_are_compared_on_test(folds_arms):
+    data, run, a, _ = folds_arms
+    result, _, _, _ = _evaluate(data, {"folds": a, "plain": run})
+    assert result["split"] == "test" and result["n_images"] == 16 and "--folds" in result["compared_on"]
+    own = json.loads((run / "metrics.json").read_text())["test"]
+    assert result["arms"]["plain"]["metrics"]["auc"]["values"] == [pytest.approx(own["auc"])]
+
+
+def test_arms_with_and_without_folds_need_a_test_split(folds_arms, tmp_path, capsys):
+    _, run, a, _ = folds_arms
+    no_test = tmp_path / "no_test"
+    write_class_folders(no_test / "train", {"NORMAL": 4, "PNEUMONIA": 4})
+    write_class_folders(no_test / "val", {"NORMAL": 4, "PNEUMONIA": 4})
+    with pytest.raises(MedclfError) as error:
+        _evaluate(no_test, {"folds": a, "plain": run})
+    assert str(error.value) == ("arms ran with and without --folds and DATA has no test split: "
+                                "no images are held out from all of them")
+
+
+def test_comparison_page_says_it_compared_out_of_fold_predictions(folds_arms, tmp_path):
+    from medclf.reporting.comparison import write_comparison_html
+    from medclf.serialize import json_safe
+
+    data, _, a, b = folds_arms
+    result, pooled, labels, classes = _evaluate(data, {"a": a, "b": b})
+    result = json_safe({**result, "data": str(data)})
+    text = write_comparison_html(tmp_path, result, {"a": [a], "b": [b]}, labels, pooled, classes).read_text()
+    assert "Predictions compared: the runs&#x27; out-of-fold predictions" in text
+    assert "On the out-of-fold predictions (64 images" in text
+    assert check_numbers(text, result) >= 6 * 2 + 6 * 5

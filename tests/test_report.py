@@ -17,7 +17,8 @@ from medclf.metrics import METHOD_VAL, SMALL_ESTIMATE_N, estimate
 from medclf.reporting.html import fmt
 from medclf.reporting.run_report import report
 
-from conftest import FAST_FLAGS, fake_folds_run, make_image, make_split_folder, write_class_folders
+from conftest import FAST_FLAGS, make_image, make_split_folder, write_class_folders
+from foldsrun import fake_folds_run
 from htmlcheck import needs_chromium, assert_self_contained, check_numbers, injected, parse, render
 
 
@@ -166,18 +167,42 @@ def test_folds_run_report_reads_out_of_fold_predictions_and_predicts_only_test(f
     assert "out-of-fold (n=" in text
 
 
+def _without(folds_run, dest, *keys: str) -> dict:
+    """A copy of the folds run whose metrics.json lacks `keys`; returns that metrics.json."""
+    shutil.copytree(folds_run, dest)
+    saved = json.loads((dest / "metrics.json").read_text())
+    for key in keys:
+        del saved[key]
+    (dest / "metrics.json").write_text(json.dumps(saved))
+    return saved
+
+
 def test_folds_run_without_test_shows_out_of_fold_mistakes(folds_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(folds_run, run)
-    saved = json.loads((run / "metrics.json").read_text())
-    del saved["test"]
-    (run / "metrics.json").write_text(json.dumps(saved))
-    stores = {}  # what train passes for data without a test split
+    saved = _without(folds_run, run, "test", "estimate")
+    stores = {}  # no test split
     text = open(report(run, stores=stores)).read()
     check_numbers(text, saved)
+    section = _estimate_section(text)  # made here, from oof.csv
+    assert "out-of-fold, K=3 cross-validation" in section and "from its out-of-fold predictions" in section
     assert "wrong out-of-fold predictions" in text and "fold model" in text
     wrong = saved["oof"]["n"] - round(saved["oof"]["accuracy"] * saved["oof"]["n"])
     assert text.count("<td>train</td>") + text.count("<td>val</td>") == min(wrong, 8)
+
+
+def test_train_writes_the_outputs_of_a_folds_run_without_test(folds_run, tmp_path, capsys):
+    """What `train --folds` hands over for data without a test split: results and curves of "oof" only."""
+    from medclf.oof import read_oof
+    from medclf.reporting.run_report import write_run_outputs
+
+    run = tmp_path / "run"
+    saved = _without(folds_run, run, "test")
+    for name in ("report.html", "roc.png", "confusion_matrix.png"):
+        (run / name).unlink(missing_ok=True)
+    oof = read_oof(run)
+    write_run_outputs(run, saved, {"oof": (oof.labels, oof.probs)}, oof.classes, {"oof": None}, "cpu")
+    assert "warning" not in capsys.readouterr().out
+    assert all((run / name).is_file() for name in ("report.html", "roc.png", "confusion_matrix.png"))
 
 
 @needs_chromium
@@ -236,7 +261,10 @@ def test_train_writes_the_report_for_a_three_class_npz(npz_file, tmp_path):
     text = (run / "report.html").read_text()
     assert_self_contained(text)
     metrics = json.loads((run / "metrics.json").read_text())
-    assert check_numbers(text, metrics) == 2 * (4 + 3 * 5)  # headline + 5 per class; no threshold with 3 classes
+    estimated = sum(k[0] == "estimate" for k, _, _ in parse(text).found)
+    assert estimated == (4 * 3 + 1 if "estimate" in metrics else 0)  # value and CI per headline metric, n
+    # val and test: headline + 5 per class; no threshold with 3 classes
+    assert check_numbers(text, metrics) == 2 * (4 + 3 * 5) + estimated
     assert "at threshold" not in text and "row " in text  # npz mistakes are named by their row
 
 

@@ -88,6 +88,8 @@ def write_comparison_html(out: Path, result: dict, run_dirs: dict[str, list[Path
     settings = "".join(f"<li><b>{H.esc(a)}</b>: {H.esc(', '.join(f'{k}={v}' for k, v in arms[a]['flags'].items()) or 'defaults')}</li>"
                        for a in names)
     note = f'<p class="note">{H.esc(result["split_note"])}</p>' if result.get("split_note") else ""
+    if result.get("compared_on"):
+        note = f'<p>Predictions compared: {H.esc(result["compared_on"])}.</p>' + note
 
     sections = [
         H.section("Summary", f'<p class="summary">{H.esc(summary_text(result))}</p><ul>{settings}</ul>{note}', "summary"),
@@ -114,7 +116,8 @@ def summary_text(result: dict) -> str:
         m = arms[arm]["metrics"][metric]
         return "—" if m["mean"] is None else f"{m['mean']:.3f} ± {m['std']:.3f}"
 
-    text = (f"On the {result['split']} split ({result['n_images']} images, {len(result['classes'])} classes) "
+    where = "out-of-fold predictions" if result["split"] == "out-of-fold" else f"{result['split']} split"
+    text = (f"On the {where} ({result['n_images']} images, {len(result['classes'])} classes) "
             f"{len(arms)} settings were trained with {n_seeds} seed{'s' if n_seeds > 1 else ''} each. "
             f"{best} reached the highest mean {metric_label(primary)} ({ms(best, primary)}), against "
             + ", ".join(f"{a} ({ms(a, primary)})" for a in order[1:]) + ". ")

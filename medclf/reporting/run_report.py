@@ -1,5 +1,6 @@
-"""report.html for a run: what to expect on new images (the estimate), metrics with bootstrap CIs, per-class sensitivity/specificity, curves,
-ROC/PR, calibration, the most confident mistakes with Grad-CAM, dataset summary, config and plan."""
+"""report.html for a run: what to expect on new images (the estimate), metrics with bootstrap CIs,
+per-class sensitivity/specificity, curves, ROC/PR, calibration, the most confident mistakes with
+Grad-CAM, dataset summary, config and plan. A --folds run shows its out-of-fold predictions (oof.csv)."""
 from __future__ import annotations
 
 import csv
@@ -64,16 +65,17 @@ def report(run: str | Path, data: str | None = None, out: str | Path | None = No
     saved = _saved_metrics(run)
     _check_against_metrics_json(saved, evaluated, notes)
     shown = next(split for split in ("test", "val", "oof") if split in evaluated)
-    s = evaluated[shown]
+    s, name = evaluated[shown], SPLIT_NAMES.get(shown, shown)
+    cams = ", with Grad-CAM" if s["store"] is not None else ""
     sections = [
         H.section("What to expect on new images", _expectation(saved, evaluated, classes, n_boot), "estimate"),
         _summary(evaluated, shown, classes, n_boot),
         H.section("Metrics with 95% bootstrap confidence intervals", _metrics_tables(evaluated, classes, n_boot), "metrics"),
         H.section("Sensitivity and specificity per class", _per_class_tables(evaluated, classes, n_boot), "per-class"),
         H.section("Training curves", _curves(run), "curves"),
-        H.section(f"Confusion matrix, ROC and precision-recall ({shown})", _curve_figures(s, classes, shown), "roc"),
-        H.section(f"Calibration ({shown})", _calibration(evaluated, shown), "calibration"),
-        H.section(f"Most confident mistakes ({shown}), with Grad-CAM",
+        H.section(f"Confusion matrix, ROC and precision-recall ({name})", _curve_figures(s, classes, name), "roc"),
+        H.section(f"Calibration ({name})", _calibration(evaluated, shown), "calibration"),
+        H.section(f"Most confident mistakes ({name}){cams}",
                   _mistakes(loaded, s, classes, max_mistakes), "mistakes"),
         H.section("Dataset", _dataset(run, ckpt, s["store"], classes, shown), "dataset"),
         H.section("Configuration and plan", _config(run), "config"),
@@ -170,7 +172,8 @@ def _expectation(saved: dict, evaluated: dict, classes: list[str], n_boot: int) 
             f'confidence intervals, from {H.num(est["n"], at("n"), 0)} images: {method_words(est["method"])}</p>')
     warnings = "".join(f'<p class="note">{H.esc(w)}</p>' for w in est["warnings"])
     origin = ("" if key is not None else '<p class="muted">metrics.json of this run has no estimate (made by an '
-              "older medclf): computed here from its validation predictions.</p>")
+              f"older medclf): computed here from its {'out-of-fold' if 'oof' in evaluated else 'validation'} "
+              "predictions.</p>")
     return text + warnings + H.table(["metric", "expected value", "95% CI"], rows) + origin
 
 
@@ -221,7 +224,8 @@ def _class_cis(e: dict, classes: list[str], n_boot: int) -> dict:
 def _summary(evaluated: dict, shown: str, classes: list[str], n_boot: int) -> str:
     e = evaluated[shown]
     m, cis = e["metrics"], _cis(e, classes, n_boot)
-    parts = [f"On the {SPLIT_NAMES.get(shown, shown)} split ({m['n']} images) the model classified "
+    where = "out-of-fold predictions" if shown == "oof" else f"{shown} split"
+    parts = [f"On the {where} ({m['n']} images) the model classified "
              f"{H.fmt(m['accuracy'] * 100, 1)}% correctly (95% CI {H.fmt(cis['accuracy'][0] * 100, 1)}–"
              f"{H.fmt(cis['accuracy'][1] * 100, 1)}%)"]
     if m["auc"] is not None:
@@ -249,10 +253,11 @@ def _metrics_tables(evaluated: dict, classes: list[str], n_boot: int) -> str:
     rows = []
     for split, e in evaluated.items():
         m, cis = e["metrics"], _cis(e, classes, n_boot)
-        rows.append([f"{SPLIT_NAMES.get(split, split)} (n={m['n']})"] + [f"{H.num(m[k], [split, k])} {H.ci(cis[k])}" for k in HEADLINE])
+        name = SPLIT_NAMES.get(split, split)
+        rows.append([f"{name} (n={m['n']})"] + [f"{H.num(m[k], [split, k])} {H.ci(cis[k])}" for k in HEADLINE])
         if "threshold" in m:
             t = m["threshold"]
-            rows.append([f"{split} at threshold {H.num(t['value'], [split, 'threshold', 'value'])}",
+            rows.append([f"{name} at threshold {H.num(t['value'], [split, 'threshold', 'value'])}",
                          H.num(t["accuracy"], [split, "threshold", "accuracy"]),
                          H.num(t["balanced_accuracy"], [split, "threshold", "balanced_accuracy"]), "",
                          H.num(t["f1_macro"], [split, "threshold", "f1_macro"])])
