@@ -21,14 +21,14 @@ from PIL import Image
 from . import models, runtime
 from .config import TrainConfig, check_settings, save_yaml
 from .data import sources
-from .data.augment import PRESETS, prepare_batch
+from .data.augment import FULL_INTENSITY, PRESETS, prepare_batch, training_preset
 from .data.store import UNREADABLE, probe_channels
 from .errors import MedclfError
 from .serialize import plain
 
 # settings the plan decides; everything else keeps its TrainConfig default
 MIN_VAL_FOR_AUC = 300  # fewer validation images: AUC's standard error (~0.01 at n = 100, AUC 0.98) exceeds epoch-to-epoch gains
-PLANNED = ("model", "size", "stem", "augment", "batch_size", "lr", "schedule", "warmup_epochs", "epochs", "time_budget",
+PLANNED = ("model", "size", "stem", "augment", "intensity", "batch_size", "lr", "schedule", "warmup_epochs", "epochs", "time_budget",
            "patience", "monitor", "balance", "label_smoothing", "ema", "tta")
 DEFAULT_BUDGET = 10.0  # minutes
 BUDGET_USE = 0.85  # share of the budget the planned epochs fill (the rest: setup, jitter, final evaluation)
@@ -100,7 +100,7 @@ def fingerprint(source: sources.Source, sample: int = HEADER_SAMPLE) -> dict[str
 
 def probe(arch: str, num_classes: int, channels: int, stem: str, input_size: int, store_size: int, batch_size: int,
           augment: str = "light", device: str | torch.device = "auto", max_seconds: float = 4.0,
-          max_steps: int = 3, infer_batch: int = 128) -> dict[str, float]:
+          max_steps: int = 3, infer_batch: int = 128, intensity: float = 0.0) -> dict[str, float]:
     """Images per second of a few training steps (augmentation included) and one inference batch.
 
     One untimed warm-up step, then up to `max_steps` timed steps or `max_seconds`, whichever comes first.
@@ -118,9 +118,10 @@ def probe(arch: str, num_classes: int, channels: int, stem: str, input_size: int
         x8 = torch.randint(0, 256, (batch_size, channels, store_size, store_size), dtype=torch.uint8, generator=gen)
         y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
         norm = [0.5] * channels
+        preset = training_preset(augment, intensity)
 
         def step() -> None:
-            x = prepare_batch(x8.to(dev), input_size, norm, norm, channels, PRESETS[augment], gen)
+            x = prepare_batch(x8.to(dev), input_size, norm, norm, channels, preset, gen)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with runtime.autocast(dev, precision):
@@ -211,6 +212,19 @@ def balance_for(imbalance_ratio: float | None) -> str:
     return "weight" if (imbalance_ratio or 1.0) > IMBALANCE_TO_WEIGHT else "none"
 
 
+GRAY_INTENSITY = 0.5  # strength of intensity augmentation for grayscale scans
+
+
+def intensity_for(channels: int) -> tuple[float, str]:
+    """Intensity augmentation by modality: grayscale scans (radiographs, CT, MRI, ultrasound) vary in exposure,
+    windowing, gain and noise between scanners; in colour images (dermoscopy, histology, fundus) colour and
+    brightness carry the finding, so they are left alone."""
+    if channels == 1:
+        return GRAY_INTENSITY, (f"{GRAY_INTENSITY:g}: grayscale scans vary in exposure, contrast, sharpness and noise "
+                                f"between scanners (brightness/contrast/gamma ±{FULL_INTENSITY['brightness'] * GRAY_INTENSITY:.0%}, blur, noise)")
+    return 0.0, "off: in colour images colour and brightness can be the finding"
+
+
 def _batch_size(n_train: int) -> int:
     if n_train >= 20_000:
         return 128
@@ -262,6 +276,7 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
            (f"only {n_train} training images: strong augmentation (TrivialAugment, erasing) against overfitting"
             if augment == "strong" else "light (flip, resized crop ±25% area, ±10°): geometry a scan plausibly varies by")
            + f"; inference sees the centre {PRESETS[augment].eval_crop:.0%} of each side, the mean training crop")
+    decide("intensity", *intensity_for(channels))
     decide("lr", 5e-4 if finetune else 1e-3 * math.sqrt(settings["batch_size"] / 64),
            "5e-4: fine-tuning keeps the pretrained features" if finetune else
            "AdamW 1e-3 at batch 64, square-root scaled with the batch")
@@ -304,7 +319,7 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
                 continue  # at least as expensive as one that did not fit: no need to time it
             bs = int(settings["batch_size"])
             p = probe(settings["model"], k, channels, stem, size, store_size or size, bs, settings["augment"], device,
-                      max_seconds=probe_seconds, max_steps=3)
+                      max_seconds=probe_seconds, max_steps=3, intensity=settings["intensity"])
             epoch_s = n_train / p["train_img_per_s"] + n_val / p["infer_img_per_s"]
             fit = int(BUDGET_USE * budget * 60 // epoch_s)
             probes.append({"stem": stem, "size": size, **p, "epoch_s": round(epoch_s, 1), "epochs_in_budget": fit})

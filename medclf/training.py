@@ -18,7 +18,7 @@ from . import atomic, models, rundir, runtime
 from .planning import PLANNED, balance_for, fingerprint, format_plan, make_plan, save_plan, steps_per_epoch
 from .config import TrainConfig, load_yaml, save_yaml
 from .data import sources, splits
-from .data.augment import PRESETS, prepare_batch
+from .data.augment import PRESETS, prepare_batch, training_preset
 from .data.store import Store, build_store, cache_root, native_size, probe_channels
 from .errors import MedclfError
 from .evaluation import choose_threshold
@@ -153,7 +153,7 @@ def train_one_epoch(model, store: Store, order: torch.Tensor, spec: dict, optimi
                     deadline: float | None = None) -> float:
     """One pass over `order` (cut short at `deadline`, a perf_counter time); returns the mean training loss."""
     model.train()
-    preset = PRESETS[cfg.augment]
+    preset = training_preset(cfg.augment, cfg.intensity)
     batches = order.split(cfg.batch_size)[:steps_per_epoch(len(order), cfg.batch_size)]
     total, seen = 0.0, 0
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not env["progress"])
