@@ -165,10 +165,20 @@ def probe(arch: str, num_classes: int, channels: int, stem: str, input_size: int
 # --------------------------------------------------------------------------- plan
 
 def _candidates(side: int, base: dict | None) -> list[tuple[str, int, str]]:
-    """(stem, input size, why) in order of expected accuracy; the first that fits the budget wins."""
-    if base is not None:
-        return [(base["stem"], int(base["input_size"]),
-                 f"inherited from the base model ({base['stem']} stem, {base['input_size']} px) so its features apply")]
+    """(stem, input size, why) in order of expected accuracy; the first that fits the budget wins.
+
+    A base model fixes the stem (its first convolution's shape) but not the size: convolutions and the global
+    pooling before the head work at any input size, so it is fine-tuned at the size chosen for the data."""
+    if base is None:
+        return _scratch_candidates(side)
+    stem, trained = base["stem"], int(base["input_size"])
+    fits = [(s, size, f"the base was trained at {trained} px; ResNet weights are size-agnostic: fine-tuning at {size} px "
+                      f"because {why[0].lower()}{why[1:]}") for s, size, why in _scratch_candidates(side) if s == stem]
+    inherited = (stem, trained, f"the base's {trained} px ({stem} stem): no size for {side} px images suits its stem")
+    return fits or [inherited]
+
+
+def _scratch_candidates(side: int) -> list[tuple[str, int, str]]:
     if side <= 20:
         return [("small", side, f"tiny {side} px images: full resolution through a stride-1 stem; compute is negligible")]
     if side <= 32:
@@ -297,7 +307,9 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
                          "no consistent gain)")
 
     # resolution and stem: the most accurate candidate whose epochs fit the budget
-    if base is not None:
+    if base is not None and "size" in fixed:
+        cands = [(base["stem"], int(fixed["size"]), "set by you")]
+    elif base is not None:
         cands = _candidates(side, base)
     elif "size" in fixed or "stem" in fixed:
         size = int(fixed.get("size") or side)

@@ -47,8 +47,8 @@ def load_data(cfg: TrainConfig, base: dict | None, source: sources.Source | None
 
 
 def _load_stores(cfg: TrainConfig, base: dict | None, source: sources.Source, facts: dict):
-    if base:  # fine-tuning a medclf model: inherit its preprocessing
-        input_size, channels, stem = base["input_size"], base["in_chans"], base["stem"]
+    if base:  # fine-tuning a medclf model: its normalisation and stem, the plan's size (weights are size-agnostic)
+        input_size, channels, stem = cfg.size or base["input_size"], base["in_chans"], base["stem"]
     else:
         input_size = cfg.size or native_size(source)
         channels = cfg.channels or facts.get("channels") or probe_channels(source, source.splits["train"])
