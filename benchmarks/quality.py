@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SHARED = HERE.parent.parent / "shared" / "datasets"
@@ -153,8 +154,6 @@ def run_one(name: str, data: Path, seed: int, budget: float, out: Path, **extra)
                               progress=False, **extra)
     minutes = (time.perf_counter() - t0) / 60
     val = result["metrics"]["val"]
-    import yaml
-
     config = yaml.safe_load((out / "config.yaml").read_text())
     row = {"dataset": name, "seed": seed, "budget_min": budget, **{f"val_{m}": val[m] for m in METRICS}}
     if val.get("threshold"):
@@ -267,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pseudo-test", type=float, metavar="FRACTION",
                         help="carve this fraction of each train split as a test split and compare the runs' estimates with it")
     parser.add_argument("--carve-seed", type=int, default=0, help="seed of the pseudo-test carving (not of training)")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a training setting instead of the plan's (YAML value), to compare a default: "
+                             "--setting intensity=0")
     args = parser.parse_args(argv)
     if args.pseudo_test is not None and not 0 < args.pseudo_test <= 0.5:
         parser.error(f"--pseudo-test takes a fraction in (0, 0.5], got {args.pseudo_test}")
@@ -275,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets = args.datasets.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     budget = {k: float(v) for k, v in (item.split("=") for item in args.budget.split(","))}
+    settings = {name: yaml.safe_load(value) for name, _, value in (s.partition("=") for s in args.setting)}
     rows: dict[str, list[dict]] = {}
     carved: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="medclf-quality-") as tmp:
@@ -293,11 +296,12 @@ def main(argv: list[str] | None = None) -> int:
             if "pneumoniamnist" in datasets:
                 data = data_for("pneumoniamnist", shared / "pneumoniamnist_28_trainval.npz")
                 rows.setdefault("pneumoniamnist", []).append(
-                    run_one("pneumoniamnist", data, seed, budget["pneumoniamnist"], runs / f"pneumoniamnist-s{seed}"))
+                    run_one("pneumoniamnist", data, seed, budget["pneumoniamnist"],
+                            runs / f"pneumoniamnist-s{seed}", **settings))
             if "mednist" in datasets:
                 data = data_for("mednist", extract_mednist(shared / "mednist_trainval.tar.gz", Path(tmp)))
                 rows.setdefault("mednist", []).append(
-                    run_one("mednist", data, seed, budget["mednist"], runs / f"mednist-s{seed}"))
+                    run_one("mednist", data, seed, budget["mednist"], runs / f"mednist-s{seed}", **settings))
             if "chest" in datasets:
                 base = Path(args.base) if args.base else runs / f"pneumoniamnist-s{seed}" / "model.pt"
                 if not base.is_file():
@@ -306,11 +310,11 @@ def main(argv: list[str] | None = None) -> int:
                 data = data_for("chest_xray_400", shared / "chest_xray_400")
                 rows.setdefault("chest_xray_400 (fine-tuned)", []).append(
                     run_one("chest_xray_400 (fine-tuned)", data, seed, budget["chest"],
-                            runs / f"chest-ft-s{seed}", weights=str(base)))
+                            runs / f"chest-ft-s{seed}", weights=str(base), **settings))
                 if args.chest_scratch:
                     rows.setdefault("chest_xray_400 (scratch)", []).append(
                         run_one("chest_xray_400 (scratch)", data, seed, budget["chest"],
-                                runs / f"chest-scratch-s{seed}"))
+                                runs / f"chest-scratch-s{seed}", **settings))
     summaries = {name: summarise(name, found) for name, found in rows.items()}
     if args.pseudo_test:
         table = pseudo_test_markdown(rows, summaries, carved, args.pseudo_test, args.carve_seed)

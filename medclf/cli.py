@@ -46,6 +46,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, help=f"early stopping patience in epochs, 0 = off (default {d.patience})")
     p.add_argument("--monitor", choices=CHOICES["monitor"], help=f"validation metric to select on (default {d.monitor})")
     p.add_argument("--augment", choices=CHOICES["augment"], help=f"augmentation preset (default {d.augment})")
+    p.add_argument("--intensity", type=float,
+                   help="brightness/contrast/gamma/blur/noise augmentation strength in [0, 1], 0 = off (default 0)")
     p.add_argument("--balance", choices=CHOICES["balance"], help="class imbalance: weighted loss, balanced sampling")
     p.add_argument("--checkpoint", choices=CHOICES["checkpoint"],
                    help="keep the final weights of the completed schedule, or the best validation epoch's")

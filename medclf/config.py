@@ -69,8 +69,9 @@ RANGES = {
     "grad_clip": Interval(0),
     "patience": Interval(0),
     "ema": Interval(0, 1, high_open=True),  # a decay of 1 never moves the average off its initial weights
-    "seed": Interval(0, 2**32 - 1),
-    "folds": Interval(0, 100),  # 0: no cross-validation; 1 is refused in validate  # what NumPy's and PyTorch's generators accept
+    "intensity": Interval(0, 1),
+    "seed": Interval(0, 2**32 - 1),  # what NumPy's and PyTorch's generators accept
+    "folds": Interval(0, 100),  # 0: no cross-validation; 1 is refused in validate
     "time_budget": Interval(0, low_open=True),
     "val_fraction": Interval(0, 1, low_open=True, high_open=True),  # training selects on a validation split
     "test_fraction": Interval(0, 1, high_open=True),
@@ -105,6 +106,7 @@ class TrainConfig:
     patience: int = 5  # epochs without improvement before stopping; 0: off
     monitor: str = "auc"
     augment: str = "light"
+    intensity: float = 0.0  # strength of brightness/contrast/gamma/blur/noise augmentation in [0, 1]; 0: off
     balance: str = "auto"  # auto: weighted loss when classes differ by > 1.5x
     ema: float = 0.0  # decay of an exponential moving average of the weights; 0: off
     checkpoint: str = "final"  # final: the weights the completed schedule ends with; best: the best validation epoch

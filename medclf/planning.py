@@ -21,15 +21,15 @@ from PIL import Image
 from . import models, runtime
 from .config import TrainConfig, check_settings, save_yaml
 from .data import sources
-from .data.augment import PRESETS, prepare_batch
+from .data.augment import FULL_INTENSITY, PRESETS, prepare_batch, training_preset
 from .data.store import UNREADABLE, probe_channels
 from .errors import MedclfError
 from .serialize import plain
 
 # settings the plan decides; everything else keeps its TrainConfig default
 MIN_VAL_FOR_AUC = 300  # fewer validation images: AUC's standard error (~0.01 at n = 100, AUC 0.98) exceeds epoch-to-epoch gains
-PLANNED = ("model", "size", "stem", "augment", "batch_size", "lr", "schedule", "warmup_epochs", "epochs", "time_budget",
-           "patience", "monitor", "balance", "label_smoothing", "ema", "tta", "folds", "checkpoint")
+PLANNED = ("model", "size", "stem", "augment", "intensity", "batch_size", "lr", "schedule", "warmup_epochs", "epochs",
+           "time_budget", "patience", "monitor", "balance", "label_smoothing", "ema", "tta", "folds", "checkpoint")
 CV_MAX_IMAGES = 2000  # train+val below this: cross-validate (a single validation split of < 400 images is too noisy)
 CV_FOLDS = 5
 BEST_EPOCH_MIN_VAL = 2000  # validation images needed before the best epoch, rather than the final one, is kept
@@ -103,7 +103,7 @@ def fingerprint(source: sources.Source, sample: int = HEADER_SAMPLE) -> dict[str
 
 def probe(arch: str, num_classes: int, channels: int, stem: str, input_size: int, store_size: int, batch_size: int,
           augment: str = "light", device: str | torch.device = "auto", max_seconds: float = 4.0,
-          max_steps: int = 3, infer_batch: int = 128) -> dict[str, float]:
+          max_steps: int = 3, infer_batch: int = 128, intensity: float = 0.0) -> dict[str, float]:
     """Images per second of a few training steps (augmentation included) and one inference batch.
 
     One untimed warm-up step, then up to `max_steps` timed steps or `max_seconds`, whichever comes first.
@@ -121,9 +121,10 @@ def probe(arch: str, num_classes: int, channels: int, stem: str, input_size: int
         x8 = torch.randint(0, 256, (batch_size, channels, store_size, store_size), dtype=torch.uint8, generator=gen)
         y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
         norm = [0.5] * channels
+        preset = training_preset(augment, intensity)
 
         def step() -> None:
-            x = prepare_batch(x8.to(dev), input_size, norm, norm, channels, PRESETS[augment], gen)
+            x = prepare_batch(x8.to(dev), input_size, norm, norm, channels, preset, gen)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with runtime.autocast(dev, precision):
@@ -167,10 +168,20 @@ def probe(arch: str, num_classes: int, channels: int, stem: str, input_size: int
 # --------------------------------------------------------------------------- plan
 
 def _candidates(side: int, base: dict | None) -> list[tuple[str, int, str]]:
-    """(stem, input size, why) in order of expected accuracy; the first that fits the budget wins."""
-    if base is not None:
-        return [(base["stem"], int(base["input_size"]),
-                 f"inherited from the base model ({base['stem']} stem, {base['input_size']} px) so its features apply")]
+    """(stem, input size, why) in order of expected accuracy; the first that fits the budget wins.
+
+    A base model fixes the stem (its first convolution's shape) but not the size: convolutions and the global
+    pooling before the head work at any input size, so it is fine-tuned at the size chosen for the data."""
+    if base is None:
+        return _scratch_candidates(side)
+    stem, trained = base["stem"], int(base["input_size"])
+    fits = [(s, size, f"the base was trained at {trained} px; ResNet weights are size-agnostic: fine-tuning at {size} px "
+                      f"because {why[0].lower()}{why[1:]}") for s, size, why in _scratch_candidates(side) if s == stem]
+    inherited = (stem, trained, f"the base's {trained} px ({stem} stem): no size for {side} px images suits its stem")
+    return fits or [inherited]
+
+
+def _scratch_candidates(side: int) -> list[tuple[str, int, str]]:
     if side <= 20:
         return [("small", side, f"tiny {side} px images: full resolution through a stride-1 stem; compute is negligible")]
     if side <= 32:
@@ -212,6 +223,19 @@ IMBALANCE_TO_WEIGHT = 1.5  # largest / smallest class above this: class-weighted
 def balance_for(imbalance_ratio: float | None) -> str:
     """The class-imbalance rule, shared by the plan and training's `--balance auto`."""
     return "weight" if (imbalance_ratio or 1.0) > IMBALANCE_TO_WEIGHT else "none"
+
+
+GRAY_INTENSITY = 0.5  # strength of intensity augmentation for grayscale scans
+
+
+def intensity_for(channels: int) -> tuple[float, str]:
+    """Intensity augmentation by modality: grayscale scans (radiographs, CT, MRI, ultrasound) vary in exposure,
+    windowing, gain and noise between scanners; in colour images (dermoscopy, histology, fundus) colour and
+    brightness carry the finding, so they are left alone."""
+    if channels == 1:
+        return GRAY_INTENSITY, (f"{GRAY_INTENSITY:g}: grayscale scans vary in exposure, contrast, sharpness and noise "
+                                f"between scanners (brightness/contrast/gamma ±{FULL_INTENSITY['brightness'] * GRAY_INTENSITY:.0%}, blur, noise)")
+    return 0.0, "off: in colour images colour and brightness can be the finding"
 
 
 def _batch_size(n_train: int) -> int:
@@ -327,6 +351,7 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
            (f"only {n_train} training images: strong augmentation (TrivialAugment, erasing) against overfitting"
             if augment == "strong" else "light (flip, resized crop ±25% area, ±10°): geometry a scan plausibly varies by")
            + f"; inference sees the centre {PRESETS[augment].eval_crop:.0%} of each side, the mean training crop")
+    decide("intensity", *intensity_for(channels))
     decide("lr", 5e-4 if finetune else 1e-3 * math.sqrt(settings["batch_size"] / 64),
            "5e-4: fine-tuning keeps the pretrained features" if finetune else
            "AdamW 1e-3 at batch 64, square-root scaled with the batch")
@@ -348,7 +373,9 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
 
     # resolution and stem: the most accurate candidate whose epochs fit the budget; cross-validation first
     # where the data is small, when K models still fit the budget
-    if base is not None:
+    if base is not None and "size" in fixed:
+        cands = [(base["stem"], int(fixed["size"]), "set by you")]
+    elif base is not None:
         cands = _candidates(side, base)
     elif "size" in fixed or "stem" in fixed:
         size = int(fixed.get("size") or side)

@@ -19,7 +19,7 @@ from .schedule import epochs_that_fit, make_scheduler, saturated, schedule_of, t
 from .planning import PLANNED, balance_for, fingerprint, format_plan, make_plan, save_plan, steps_per_epoch
 from .config import TrainConfig, load_yaml, save_yaml
 from .data import sources, splits
-from .data.augment import PRESETS, prepare_batch
+from .data.augment import PRESETS, prepare_batch, training_preset
 from .data.store import Store, build_store, cache_root, native_size, probe_channels
 from .errors import MedclfError
 from .evaluation import choose_threshold
@@ -48,8 +48,8 @@ def load_data(cfg: TrainConfig, base: dict | None, source: sources.Source | None
 
 
 def _load_stores(cfg: TrainConfig, base: dict | None, source: sources.Source, facts: dict):
-    if base:  # fine-tuning a medclf model: inherit its preprocessing
-        input_size, channels, stem = base["input_size"], base["in_chans"], base["stem"]
+    if base:  # fine-tuning a medclf model: its normalisation and stem, the plan's size (weights are size-agnostic)
+        input_size, channels, stem = cfg.size or base["input_size"], base["in_chans"], base["stem"]
     else:
         input_size = cfg.size or native_size(source)
         channels = cfg.channels or facts.get("channels") or probe_channels(source, source.splits["train"])
@@ -121,7 +121,7 @@ def train_one_epoch(model, store: Store, order: torch.Tensor, spec: dict, optimi
     """One pass over `order`, or its first `max_steps` batches when the schedule ends inside this epoch (cut short
     at `deadline`, a perf_counter time, as a last resort); returns the mean training loss."""
     model.train()
-    preset = PRESETS[cfg.augment]
+    preset = training_preset(cfg.augment, cfg.intensity)
     batches = order.split(cfg.batch_size)[:steps_per_epoch(len(order), cfg.batch_size)]
     if max_steps is not None:
         batches = batches[:max(0, max_steps)]

@@ -1,6 +1,6 @@
 import torch
 
-from medclf.data.augment import PRESETS, AugmentPreset, affine_matrices, prepare_batch, random_erase
+from medclf.data.augment import PRESETS, AugmentPreset, affine_matrices, geometric, prepare_batch, random_erase
 
 
 def batch(n=6, c=1, s=16):
@@ -60,9 +60,8 @@ def test_eval_resize_matches_training_sampler():
     # Inference must resample exactly as training does when augmentation draws the identity; a different
     # resize (antialiased interpolate) shifted PneumoniaMNIST's calibration (val accuracy 0.971 -> 0.876).
     x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
-    identity_but_augmenting = AugmentPreset(trivial_group=4)  # != PRESETS["none"], so it takes the training path
-    train_view = prepare_batch(x, 64, [0.5], [0.5], 1, identity_but_augmenting, torch.Generator().manual_seed(0))
-    eval_view = prepare_batch(x, 64, [0.5], [0.5], 1)
+    train_view = geometric(x.float() / 255, 64, AugmentPreset(), torch.Generator().manual_seed(0))  # the identity
+    eval_view = prepare_batch(x, 64, [0.0], [1.0], 1)
     torch.testing.assert_close(eval_view, train_view)
 
 

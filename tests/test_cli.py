@@ -129,7 +129,7 @@ def test_npz_train_and_predict_by_index(npz_file, tmp_path):
 
 
 def test_finetune_from_medclf_model_with_other_classes(npz_file, trained, tmp_path):
-    """A 3-class 16 px npz model starts a 2-class folder task; preprocessing is inherited."""
+    """A 3-class 16 px npz model starts a 2-class 12 px folder task: stem and normalisation inherited, the size the data's."""
     _, run2 = trained
     data = make_split_folder(tmp_path / "d")
     base = tmp_path / "base"
@@ -139,7 +139,7 @@ def test_finetune_from_medclf_model_with_other_classes(npz_file, trained, tmp_pa
                  "--finetune", "head", "--out", str(out)]) == 0
     b = torch.load(base / "model.pt", weights_only=True)
     f = torch.load(out / "model.pt", weights_only=True)
-    assert f["input_size"] == 16 and f["num_classes"] == 2 and f["stem"] == b["stem"]
+    assert f["input_size"] == 12 and f["num_classes"] == 2 and f["stem"] == b["stem"] and f["mean"] == b["mean"]
     # head-only fine-tuning: the backbone weights are exactly those of the base model
     assert torch.equal(f["state_dict"]["layer3.0.conv1.weight"], b["state_dict"]["layer3.0.conv1.weight"])
     assert not torch.equal(f["state_dict"]["fc.weight"][:2], b["state_dict"]["fc.weight"][:2])

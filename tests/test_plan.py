@@ -27,7 +27,7 @@ def _fp(side: int, n_train: int = 5000, k: int = 2, kind: str = "npz", imbalance
 def _fake_probe(img_per_s: float):
     calls = []
 
-    def probe(arch, k, channels, stem, size, store_size, batch_size, augment, device, max_seconds, max_steps):
+    def probe(arch, k, channels, stem, size, store_size, batch_size, augment, device, max_seconds, max_steps, intensity=0.0):
         calls.append((stem, size, max_seconds, max_steps))
         # cost ∝ pixels reaching layer1: the small stem keeps the full size, the ImageNet stem divides it by 4
         side = size if stem == "small" else size / 4

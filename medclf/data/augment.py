@@ -4,12 +4,14 @@ uint8 N×C×H×W batch → float N×C×S×S, normalised. Geometric augmentation 
 crop, rotation) is one random affine matrix per image, applied to the whole batch with a single
 `grid_sample`, which also resizes to the model's input size S. TrivialAugmentWide runs from
 torchvision on small groups of images (one random op per group), and RandomErasing is a
-per-image rectangle mask built with broadcasting.
+per-image rectangle mask built with broadcasting. Intensity augmentation (brightness, contrast,
+gamma, Gaussian blur, Gaussian noise) draws one factor per image and applies it to all its channels
+with broadcasting and one grouped convolution, so colours keep their hue.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,21 @@ class AugmentPreset:
     trivial: bool = False  # TrivialAugmentWide
     trivial_group: int = 8  # images sharing one TrivialAugment op
     erase: float = 0.0  # probability of RandomErasing
+    brightness: float = 0.0  # intensities multiplied by a factor in [1 - b, 1 + b]
+    contrast: float = 0.0  # deviations from the image's mean intensity multiplied by a factor in [1 - c, 1 + c]
+    gamma: float = 0.0  # intensities raised to a power in [1 / (1 + g), 1 + g] (log-uniform)
+    blur: float = 0.0  # probability of a Gaussian blur
+    blur_sigma: float = 0.01  # largest blur sigma, as a fraction of the output side
+    noise: float = 0.0  # largest standard deviation of additive Gaussian noise (intensities in [0, 1])
+
+    @property
+    def moves(self) -> bool:
+        """Whether the preset has geometric augmentation (else inference's centre crop applies)."""
+        return (self.flip > 0 or self.rotate > 0 or self.scale != (1.0, 1.0) or self.ratio != (1.0, 1.0))
+
+    @property
+    def intensity_on(self) -> bool:
+        return max(self.brightness, self.contrast, self.gamma, self.blur, self.noise) > 0
 
     @property
     def eval_crop(self) -> float:
@@ -42,6 +59,17 @@ PRESETS = {
     "light": AugmentPreset(flip=0.5, scale=(0.75, 1.0), ratio=(0.9, 1.1), rotate=10.0),
     "strong": AugmentPreset(flip=0.5, scale=(0.5, 1.0), ratio=(0.8, 1.25), rotate=15.0, trivial=True, erase=0.25),
 }
+
+
+# intensity augmentation at strength 1 (the `intensity` setting scales these): brightness/contrast/gamma of
+# ±30%, a blur for one image in three, and noise up to 3% of the intensity range, all within what exposure,
+# processing and detector noise vary between scanners
+FULL_INTENSITY = {"brightness": 0.3, "contrast": 0.3, "gamma": 0.3, "blur": 1 / 3, "noise": 0.03}
+
+
+def training_preset(augment: str, intensity: float = 0.0) -> AugmentPreset:
+    """The named preset with intensity augmentation at `intensity` (0 = off, 1 = FULL_INTENSITY)."""
+    return replace(PRESETS[augment], **{name: value * intensity for name, value in FULL_INTENSITY.items()})
 
 
 def affine_matrices(n: int, preset: AugmentPreset, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -113,6 +141,53 @@ def random_erase(x: torch.Tensor, p: float, generator: torch.Generator | None = 
     return x.masked_fill(inside.unsqueeze(1).to(x.device), 0.0)
 
 
+def _per_image(n: int, lo: float, hi: float, generator: torch.Generator | None, device) -> torch.Tensor:
+    """One uniform draw in [lo, hi] per image, shaped to broadcast over N×C×H×W."""
+    return (lo + (hi - lo) * torch.rand(n, generator=generator)).view(n, 1, 1, 1).to(device)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma (pixels, at most radius / 3) per image, all images in one grouped
+    convolution."""
+    n, c, h, w = x.shape
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma.to(x.device, x.dtype).view(n, 1)) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # the same kernel on every channel
+    flat = x.reshape(1, n * c, h, w)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, -1), groups=n * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernel.view(n * c, 1, -1, 1), groups=n * c)
+    return flat.view(n, c, h, w)
+
+
+def intensity_augment(x: torch.Tensor, preset: AugmentPreset, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Brightness, contrast, gamma, blur and noise on a float [0, 1] batch; each image draws its own factors,
+    shared by its channels (no hue change). The result stays in [0, 1]."""
+    n, dev = x.shape[0], x.device
+    b, c, g = preset.brightness, preset.contrast, preset.gamma
+    brightness = _per_image(n, 1 - b, 1 + b, generator, dev)
+    contrast = _per_image(n, 1 - c, 1 + c, generator, dev)
+    gamma = torch.exp(_per_image(n, -math.log1p(g), math.log1p(g), generator, dev))
+    # brightness then contrast around the image's mean, in one pass: b·(c·x + (1 - c)·mean(x))
+    shift = brightness * (1 - contrast) * x.mean(dim=(1, 2, 3), keepdim=True)
+    x = torch.addcmul(shift, x, brightness * contrast).clamp_(0, 1).pow_(gamma)
+    if preset.blur > 0:
+        # blurred images are chosen on the CPU generator, so picking them needs no device sync
+        picked = (torch.rand(n, generator=generator) < preset.blur).nonzero().flatten()
+        largest = preset.blur_sigma * x.shape[-1]
+        sigma = largest * (0.1 + 0.9 * torch.rand(n, generator=generator))[picked]
+        if len(picked) and largest >= 0.2:  # a smaller sigma changes no pixel noticeably
+            picked = picked.to(dev)
+            x[picked] = gaussian_blur(x[picked], sigma, radius=math.ceil(3 * largest))
+    if preset.noise > 0:
+        std = _per_image(n, 0, preset.noise, generator, dev)
+        # the pixels' noise comes from a generator on x's device, seeded from `generator`: reproducible, no transfer
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        pixels = torch.randn((n, 1, *x.shape[2:]), generator=torch.Generator(dev).manual_seed(seed), device=dev,
+                             dtype=x.dtype)
+        x.addcmul_(pixels, std)  # one noise image per image, on every channel: no colour noise
+    return x.clamp_(0, 1)
+
+
 def prepare_batch(x_uint8: torch.Tensor, size: int, mean: list[float], std: list[float], channels: int,
                   preset: AugmentPreset | None = None, generator: torch.Generator | None = None,
                   crop: float = 1.0) -> torch.Tensor:
@@ -124,10 +199,12 @@ def prepare_batch(x_uint8: torch.Tensor, size: int, mean: list[float], std: list
     x = x_uint8.float().div_(255.0)
     if x.shape[1] != channels:
         x = x.expand(-1, 3, -1, -1) if channels == 3 else x.mean(1, keepdim=True)
-    if preset is not None and preset != PRESETS["none"]:
+    if preset is not None and preset.moves:
         x = geometric(x, size, preset, generator)
     elif crop != 1.0 or x.shape[-1] != size or x.shape[-2] != size:
         x = center_crop(x, size, crop)
+    if preset is not None and preset.intensity_on:
+        x = intensity_augment(x, preset, generator)
     if preset is not None and preset.erase > 0:
         x = random_erase(x, preset.erase, generator)
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
