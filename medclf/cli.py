@@ -65,7 +65,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", type=_bool, metavar="BOOL")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
     p.add_argument("--time-budget", type=float, metavar="MIN",
-                   help="stop training after about MIN minutes, best checkpoint kept; the plan fits epochs to it (default 10)")
+                   help="train for about MIN minutes in all; the plan fits epochs to it and the schedule ends on time (default 10)")
     p.add_argument("--no-plan", dest="plan", action="store_const", const=False,
                    help="do not plan settings from the data: unset flags keep their fixed defaults")
     p.add_argument("--skip-bad", action="store_const", const=True, help="skip unreadable images (listed in the run)")

@@ -103,7 +103,7 @@ def train_folds(cfg: TrainConfig, source, stores: dict[str, Store], spec: dict, 
         members.append(ckpt)
         histories.append(_read_history(fold_dir / "history.csv"))
     threshold = choose_threshold(labels, oof)
-    results = {"oof": evaluate_predictions(labels, oof, spec["classes"], threshold)}
+    results = {"oof": evaluate_predictions(labels, oof, spec["classes"], threshold, chosen_on="out-of-fold")}
     results["oof"]["tta"] = cfg.tta
     results["estimate"] = estimate(labels, oof, spec["classes"], METHOD_OOF.format(k=k))
     extra = {"config": resolved, "threshold": threshold, "folds": k}
@@ -130,7 +130,7 @@ def train_folds(cfg: TrainConfig, source, stores: dict[str, Store], spec: dict, 
         probs = predict_store(model, stores["test"], spec, env["device"], env["precision"], env["channels_last"],
                               tta=cfg.tta, desc="test")
         test_labels = stores["test"].labels.numpy()
-        results["test"] = evaluate_predictions(test_labels, probs, spec["classes"], threshold)
+        results["test"] = evaluate_predictions(test_labels, probs, spec["classes"], threshold, chosen_on="out-of-fold")
         results["test"]["tta"] = cfg.tta
         curves["test"] = (test_labels, probs)
         shown_stores["test"] = stores["test"]

@@ -176,12 +176,12 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
 
 
 def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
-                         threshold: float | None = None) -> dict:
+                         threshold: float | None = None, chosen_on: str = "val") -> dict:
     """Metrics at the arg-max decision; for two classes also at `threshold` on P(class 1)."""
     result = classification_metrics(y_true, probs, classes)
     if len(classes) == 2 and threshold is not None:
         at = classification_metrics(y_true, probs, classes, predictions=(probs[:, 1] >= threshold).astype(int))
-        result["threshold"] = {"value": threshold, "chosen_on": "val (Youden's J)",
+        result["threshold"] = {"value": threshold, "chosen_on": f"{chosen_on} (Youden's J)",
                                **{k: at[k] for k in ("accuracy", "balanced_accuracy", "f1_macro", "per_class", "confusion_matrix")}}
     return result
 

@@ -381,7 +381,8 @@ def _interrupted_message(out: Path, saved_in: Path | None = None) -> str:
 
 
 def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig, device, precision, channels_last) -> dict:
-    """Evaluate the best checkpoint on val (choosing the binary threshold) and test; write metrics and plots."""
+    """Evaluate the kept checkpoint on val (choosing the binary threshold and giving the estimate) and test;
+    write metrics and plots."""
     model, ckpt = models.load_model(out / "model.pt")
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     results, curves = {}, {}

@@ -236,7 +236,7 @@ def _summary(evaluated: dict, shown: str, classes: list[str], n_boot: int) -> st
     if "threshold" in m:
         t = m["threshold"]
         positive = H.esc(classes[1])
-        text += (f"At the threshold chosen on validation (P({positive}) ≥ {H.fmt(t['value'])}) the sensitivity for "
+        text += (f"At the threshold chosen on {H.esc(t.get('chosen_on', 'val').split(' (')[0])} predictions (P({positive}) ≥ {H.fmt(t['value'])}) the sensitivity for "
                  f"{positive} is {_pct(t['per_class'][classes[1]]['recall'])} and its specificity "
                  f"{_pct(t['per_class'][classes[1]]['specificity'])}. ")
     if m["n"] < metrics.SMALL_ESTIMATE_N:
@@ -294,8 +294,15 @@ def _curves(run: Path) -> str:
     history = figures.read_history(run / "history.csv")
     if not history:
         return '<p class="muted">history.csv is empty</p>'
-    return H.img(H.figure_uri(figures.curves_figure(history)), "training curves",
-                 caption="Loss and validation metrics per epoch; the best epoch on the monitored metric is the model.")
+    config = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
+    if (config.get("folds") or 0) >= 2:
+        caption = (f"Loss and held-out-fold metrics per epoch, averaged over the {config['folds']} folds; each fold "
+                   "model keeps the final weights of its completed schedule.")
+    elif config.get("checkpoint") == "best":
+        caption = "Loss and validation metrics per epoch; the model is the best epoch on the monitored metric."
+    else:
+        caption = "Loss and validation metrics per epoch; the model is the final weights of the completed schedule."
+    return H.img(H.figure_uri(figures.curves_figure(history)), "training curves", caption=caption)
 
 
 def _curve_figures(e: dict, classes: list[str], split: str) -> str:
