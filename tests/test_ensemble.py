@@ -10,6 +10,7 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 import medclf
 from medclf import atomic, gradcam, models
 from medclf.cli import main
+from medclf.comparison import evaluate_arms
 from medclf.reporting import run_report
 
 from conftest import FAST_FLAGS, make_image, make_split_folder
@@ -186,3 +187,12 @@ def test_members_of_different_specs_are_refused(ensemble_run, key, value):
         models.ensemble_checkpoint(members)
     with pytest.raises(medclf.MedclfError, match="at least 2 models"):
         models.ensemble_checkpoint(members[:1])
+
+
+def test_compare_scores_an_ensemble_run_like_any_run(ensemble_run, tmp_path):
+    data, runs, ens = ensemble_run
+    member_probs = [_probabilities(run, data, tmp_path, f"{run.name}.csv") for run in runs]
+    _, pooled, _, _ = evaluate_arms(str(data), {"single": [runs[0]], "ensemble": [ens]},
+                                    {"single": {}, "ensemble": {}}, [0], {"device": "cpu"}, n_boot=10)
+    np.testing.assert_allclose(pooled["ensemble"], np.mean(member_probs, 0), atol=1e-5)
+    np.testing.assert_allclose(pooled["single"], member_probs[0], atol=1e-6)
