@@ -293,8 +293,8 @@ def _state_dict_problem(ckpt: dict[str, Any]) -> str | None:
     wrong += [key for key in state if key not in expected]
     if wrong:
         what = f"an ensemble of {ckpt['ensemble']} " if "ensemble" in ckpt else "a "
-        return (f"'state_dict' does not match {what}{ckpt['arch']} with a {ckpt['stem']} stem and {ckpt['in_chans']} "
-                f"channel(s): {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
+        return (f"'state_dict' does not match {what}{ckpt['arch']} with a {ckpt['stem']} stem and "
+                f"{ckpt['in_chans']} channel(s): {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
     return None
 
 

@@ -1,4 +1,5 @@
 """Ensemble checkpoints (issue #10): one model.pt of K same-spec models that every command accepts."""
+import re
 import shutil
 
 import numpy as np
@@ -10,6 +11,7 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 import medclf
 from medclf import atomic, gradcam, models
 from medclf.cli import main
+from medclf.comparison import evaluate_arms
 from medclf.reporting import run_report
 
 from conftest import FAST_FLAGS, make_image, make_split_folder
@@ -149,7 +151,8 @@ def test_ensemble_output_is_the_log_of_the_mean_probability():
 @pytest.mark.parametrize("change,message", [
     (lambda c: c.update(ensemble=3), "'ensemble' is 3 but 'state_dict' holds 2 member"),
     (lambda c: c.update(ensemble=1), "'ensemble' must be an integer >= 2"),
-    (lambda c: c["state_dict"].update({"members.1.fc.weight": torch.zeros(3, 512), "members.1.fc.bias": torch.zeros(3)}),
+    (lambda c: c["state_dict"].update({"members.1.fc.weight": torch.zeros(3, 512),
+                                       "members.1.fc.bias": torch.zeros(3)}),
      "head \\('members.1.fc.weight' in 'state_dict'\\) has 3 outputs"),
     (lambda c: c["state_dict"].pop("members.0.layer4.1.bn2.running_mean"), "does not match an ensemble of 2 resnet18"),
 ])
@@ -166,8 +169,9 @@ def test_a_damaged_ensemble_is_refused_in_one_line(ensemble_run, tmp_path, capsy
 
 def test_fine_tuning_from_an_ensemble_is_refused_naming_a_member(ensemble_run, tmp_path, capsys):
     data, _, ens = ensemble_run
+    member = re.escape(str(ens / "fold1" / "model.pt"))
     with pytest.raises(medclf.MedclfError, match=f"ensemble of 2 models; fine-tune from one of them instead "
-                                                 f"\\(e.g. {ens / 'fold1' / 'model.pt'}\\)"):
+                                                 f"\\(e.g. {member}\\)"):
         models.read_base(ens / "model.pt")
     assert models.read_base(ens / "fold2")["classes"] == ["NORMAL", "PNEUMONIA"]
     assert main(["train", str(data), *FAST_FLAGS, "--weights", str(ens / "model.pt"),
@@ -186,3 +190,12 @@ def test_members_of_different_specs_are_refused(ensemble_run, key, value):
         models.ensemble_checkpoint(members)
     with pytest.raises(medclf.MedclfError, match="at least 2 models"):
         models.ensemble_checkpoint(members[:1])
+
+
+def test_compare_scores_an_ensemble_run_like_any_run(ensemble_run, tmp_path):
+    data, runs, ens = ensemble_run
+    member_probs = [_probabilities(run, data, tmp_path, f"{run.name}.csv") for run in runs]
+    _, pooled, _, _ = evaluate_arms(str(data), {"single": [runs[0]], "ensemble": [ens]},
+                                    {"single": {}, "ensemble": {}}, [0], {"device": "cpu"}, n_boot=10)
+    np.testing.assert_allclose(pooled["ensemble"], np.mean(member_probs, 0), atol=1e-5)
+    np.testing.assert_allclose(pooled["single"], member_probs[0], atol=1e-6)
