@@ -477,7 +477,7 @@ def plan(data: str, time_budget: float | None = None, out: str | None = None, we
     if "train" not in source.splits:
         raise MedclfError(f"{data} has no train split")
     sources.ensure_val_split(source, TrainConfig().val_fraction, seed)
-    base = models.read_checkpoint(weights) if weights not in ("none", "imagenet", None) else None
+    base = models.read_base(weights) if weights not in ("none", "imagenet", None) else None
     fp = fingerprint(source)
     fixed = {k: v for k, v in fixed.items() if v is not None}
     if weights not in ("none", None):
