@@ -67,8 +67,8 @@ RANGES = {
     "label_smoothing": Interval(0, 1, high_open=True),  # 1 would make every target uniform: nothing to learn
     "grad_clip": Interval(0),
     "patience": Interval(0),
-    "ema": Interval(0, 1, high_open=True),
-    "intensity": Interval(0, 1),  # a decay of 1 never moves the average off its initial weights
+    "ema": Interval(0, 1, high_open=True),  # a decay of 1 never moves the average off its initial weights
+    "intensity": Interval(0, 1),
     "seed": Interval(0, 2**32 - 1),  # what NumPy's and PyTorch's generators accept
     "time_budget": Interval(0, low_open=True),
     "val_fraction": Interval(0, 1, low_open=True, high_open=True),  # training selects on a validation split

@@ -28,8 +28,8 @@ from .serialize import plain
 
 # settings the plan decides; everything else keeps its TrainConfig default
 MIN_VAL_FOR_AUC = 300  # fewer validation images: AUC's standard error (~0.01 at n = 100, AUC 0.98) exceeds epoch-to-epoch gains
-PLANNED = ("model", "size", "stem", "augment", "intensity", "batch_size", "lr", "schedule", "warmup_epochs", "epochs", "time_budget",
-           "patience", "monitor", "balance", "label_smoothing", "ema", "tta")
+PLANNED = ("model", "size", "stem", "augment", "intensity", "batch_size", "lr", "schedule", "warmup_epochs", "epochs",
+           "time_budget", "patience", "monitor", "balance", "label_smoothing", "ema", "tta")
 DEFAULT_BUDGET = 10.0  # minutes
 BUDGET_USE = 0.85  # share of the budget the planned epochs fill (the rest: setup, jitter, final evaluation)
 MAX_EPOCHS = 60
@@ -179,6 +179,7 @@ def _candidates(side: int, base: dict | None) -> list[tuple[str, int, str]]:
 
 
 def _scratch_candidates(side: int) -> list[tuple[str, int, str]]:
+    """The candidates for training from scratch on images of this side."""
     if side <= 20:
         return [("small", side, f"tiny {side} px images: full resolution through a stride-1 stem; compute is negligible")]
     if side <= 32:
@@ -230,8 +231,9 @@ def intensity_for(channels: int) -> tuple[float, str]:
     windowing, gain and noise between scanners; in colour images (dermoscopy, histology, fundus) colour and
     brightness carry the finding, so they are left alone."""
     if channels == 1:
+        spread = FULL_INTENSITY["brightness"] * GRAY_INTENSITY
         return GRAY_INTENSITY, (f"{GRAY_INTENSITY:g}: grayscale scans vary in exposure, contrast, sharpness and noise "
-                                f"between scanners (brightness/contrast/gamma ±{FULL_INTENSITY['brightness'] * GRAY_INTENSITY:.0%}, blur, noise)")
+                                f"between scanners (brightness/contrast/gamma ±{spread:.0%}, blur, noise)")
     return 0.0, "off: in colour images colour and brightness can be the finding"
 
 
