@@ -245,7 +245,7 @@ def _train_or_reuse(data: str, run_dir: Path, settings: dict, force: bool, progr
         if (run_dir / "metrics.json").is_file() and (run_dir / "model.pt").is_file():
             print(f"compare: {run_dir} is finished with these settings; reusing it")
             return
-        if (run_dir / "last.pt").is_file():
+        if rundir.resumable(run_dir):
             train(resume=str(run_dir), progress=progress)
             return
     train(data=data, out=str(run_dir), force=force, progress=progress, **settings)

@@ -182,6 +182,7 @@ def _candidates(side: int, base: dict | None) -> list[tuple[str, int, str]]:
 
 
 def _scratch_candidates(side: int) -> list[tuple[str, int, str]]:
+    """The candidates for training from scratch on images of this side."""
     if side <= 20:
         return [("small", side, f"tiny {side} px images: full resolution through a stride-1 stem; compute is negligible")]
     if side <= 32:
@@ -233,8 +234,9 @@ def intensity_for(channels: int) -> tuple[float, str]:
     windowing, gain and noise between scanners; in colour images (dermoscopy, histology, fundus) colour and
     brightness carry the finding, so they are left alone."""
     if channels == 1:
+        spread = FULL_INTENSITY["brightness"] * GRAY_INTENSITY
         return GRAY_INTENSITY, (f"{GRAY_INTENSITY:g}: grayscale scans vary in exposure, contrast, sharpness and noise "
-                                f"between scanners (brightness/contrast/gamma ±{FULL_INTENSITY['brightness'] * GRAY_INTENSITY:.0%}, blur, noise)")
+                                f"between scanners (brightness/contrast/gamma ±{spread:.0%}, blur, noise)")
     return 0.0, "off: in colour images colour and brightness can be the finding"
 
 

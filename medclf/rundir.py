@@ -66,6 +66,11 @@ def prepare_run_dir(out: str | Path | None, data_name: str, data_root: str | Pat
 FINISHED_EPOCH_FILES = ("last.pt", "model.pt", "metrics.json", "history.csv", "fold-1/last.pt")
 
 
+def resumable(run: Path) -> bool:
+    """A finished epoch to continue from: the run's last.pt, or a cross-validation fold's."""
+    return (run / "last.pt").is_file() or any(run.glob("fold-*/last.pt")) or (run / "refit" / "last.pt").is_file()
+
+
 def _is_run_file(path: Path) -> bool:
     """A file medclf writes into a run, or a cross-validation sub-run folder that holds nothing else."""
     if path.is_dir() and not path.is_symlink():

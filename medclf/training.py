@@ -375,7 +375,7 @@ def read_fold_state(folder: Path) -> dict | None:
 
 
 def _interrupted_message(out: Path, saved_in: Path | None = None) -> str:
-    if ((saved_in or out) / "last.pt").is_file() or any(out.glob("fold-*/last.pt")):
+    if ((saved_in or out) / "last.pt").is_file() or rundir.resumable(out):
         return f"the last finished epoch is saved: resume with `medclf train --resume {out}`"
     return f"no epoch finished, so there is nothing to resume; the same command starts over (it replaces {out})"
 
