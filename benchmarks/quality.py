@@ -224,11 +224,12 @@ def _mean_sd(summary: dict, key: str) -> str:
 
 
 def pseudo_test_markdown(rows: dict[str, list[dict]], summaries: dict[str, dict], carved: dict[str, dict],
-                         fraction: float, carve_seed: int) -> str:
+                         fraction: float, carve_seed: int, settings: dict | None = None) -> str:
     """The README's table: per run the estimate, its 95% CI and the pseudo-test value; per dataset mean ± sd."""
     cpu = machine()
+    changed = "".join(f", {name}={value}" for name, value in (settings or {}).items())
     lines = [f"Pseudo-test: {fraction:.0%} of each shared train split (carve seed {carve_seed}, stratified by class), "
-             f"trained with the defaults; measured on {cpu['cpu']} ({cpu['cores']} cores; {' '.join(cpu['flags'])}).", ""]
+             f"trained with the defaults{changed}; measured on {cpu['cpu']} ({cpu['cores']} cores; {' '.join(cpu['flags'])}).", ""]
     for name, facts in carved.items():
         counts = "; ".join(f"{s} " + "/".join(str(n) for n in c.values()) for s, c in facts["counts"].items())
         lines.append(f"- {name}: {counts} (per class), grouped {facts['grouped']}")
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                                 runs / f"chest-scratch-s{seed}", **settings))
     summaries = {name: summarise(name, found) for name, found in rows.items()}
     if args.pseudo_test:
-        table = pseudo_test_markdown(rows, summaries, carved, args.pseudo_test, args.carve_seed)
+        table = pseudo_test_markdown(rows, summaries, carved, args.pseudo_test, args.carve_seed, settings)
         out.mkdir(parents=True, exist_ok=True)
         (out / "pseudo_test.md").write_text(table)
         log(table + f"→ {out / 'pseudo_test.md'}")
