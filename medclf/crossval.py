@@ -21,7 +21,7 @@ import torch
 
 from . import atomic, models
 from .config import TrainConfig
-from .data import splits
+from .data import sources, splits
 from .data.store import Store
 from .errors import MedclfError
 from .evaluation import choose_threshold
@@ -79,7 +79,16 @@ def train_folds(cfg: TrainConfig, source, stores: dict[str, Store], spec: dict, 
     groups = splits.patient_groups(everything.ids) if source.kind == "folder" else None
     fold = assign_folds(labels, groups, k, cfg.seed)
     n_models = k + int(cfg.refit)
-    per_model = dataclasses.replace(cfg, time_budget=cfg.time_budget / n_models if cfg.time_budget else None)
+    # a fold's held-out images must choose nothing: no early stopping on them, no best epoch, the whole schedule
+    honest = {"patience": 0, "stop_saturated": False, "checkpoint": "final"}
+    changed = [f"{name} {getattr(cfg, name)}" for name, value in honest.items() if getattr(cfg, name) != value]
+    if changed:
+        sources.notice(f"cross-validation ignores {', '.join(changed)}: each fold trains its whole schedule and keeps "
+                       "its final weights, so the fold it predicts chooses nothing")
+    per_model = dataclasses.replace(cfg, time_budget=cfg.time_budget / n_models if cfg.time_budget else None, **honest)
+    if groups is not None and len(set(groups)) < k:
+        sources.notice(f"only {len(set(groups))} patients for {k} folds: folds are not grouped by patient")
+        groups = None
     grouping = f", grouped by patient ({len(set(groups))} patients)" if groups else ""
     print(f"medclf: {k}-fold cross-validation on {len(everything)} train+val images{grouping}, {spec['num_classes']} "
           f"classes, {spec['arch']} ({spec['stem']} stem, {spec['input_size']} px) → {out}")
@@ -94,6 +103,9 @@ def train_folds(cfg: TrainConfig, source, stores: dict[str, Store], spec: dict, 
             fold_dir.mkdir(exist_ok=True)
             fit(fold_cfg, spec, base, train_part, held_part, fold_dir, env, read_fold_state(fold_dir), resolved,
                 desc=f"fold {f + 1}/{k} ", resume_dir=out)
+        if not (fold_dir / "model.pt").is_file():
+            raise MedclfError(f"fold {f + 1} produced no usable checkpoint in {fold_dir}: its validation loss was not "
+                              f"finite in any epoch (the model diverged); try a lower --lr")
         model, ckpt = models.load_model(fold_dir / "model.pt")
         model = model.to(env["device"], memory_format=torch.channels_last if env["channels_last"] else torch.contiguous_format)
         oof[held] = predict_store(model, held_part, spec, env["device"], env["precision"], env["channels_last"],
@@ -109,12 +121,14 @@ def train_folds(cfg: TrainConfig, source, stores: dict[str, Store], spec: dict, 
     extra = {"config": resolved, "threshold": threshold, "folds": k}
     if cfg.refit:
         epochs = int(math.ceil(np.median([len(h) for h in histories])))  # as long as the folds trained
-        refit_cfg = dataclasses.replace(per_model, epochs=epochs, patience=0, stop_saturated=False)
+        refit_cfg = dataclasses.replace(per_model, epochs=epochs)
         refit_dir = out / "refit"
         refit_dir.mkdir(exist_ok=True)
-        print(f"medclf: refit on all {len(everything)} train+val images for {epochs} epoch(s)")
-        fit(refit_cfg, spec, base, everything, None, refit_dir, env, read_fold_state(refit_dir), resolved,
-            desc="refit ", resume_dir=out)
+        if not (refit_dir / FOLD_DONE).is_file():
+            print(f"medclf: refit on all {len(everything)} train+val images for {epochs} epoch(s)")
+            fit(refit_cfg, spec, base, everything, None, refit_dir, env, read_fold_state(refit_dir), resolved,
+                desc="refit ", resume_dir=out)
+            atomic.write_text(refit_dir / FOLD_DONE, json.dumps({"epochs": epochs, "images": len(everything)}))
         final = models.read_checkpoint(refit_dir / "model.pt")
         final.update(extra)
     else:

@@ -357,8 +357,8 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
     decide("lr", 5e-4 if finetune else 1e-3 * math.sqrt(settings["batch_size"] / 64),
            "5e-4: fine-tuning keeps the pretrained features" if finetune else
            "AdamW 1e-3 at batch 64, square-root scaled with the batch")
-    decide("schedule", "cosine", "cosine decay sized to the planned epochs, following the clock if training runs slower: "
-                                 "ends at a low LR when the budget ends")
+    decide("schedule", "cosine", "cosine decay sized to the planned epochs; early stopping, saturated validation or a "
+                                 "binding budget bring its end forward, so it always anneals to 0")
     if k == 2 and n_val >= MIN_VAL_FOR_AUC:
         decide("monitor", "auc", f"ROC AUC: threshold-free, robust to imbalance; {n_val} validation images pin it down")
     elif k == 2:
@@ -391,7 +391,12 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
                       do_probe=do_probe and "epochs" not in fixed)
     models_trained = 1 + bool(fixed.get("refit"))
     folds = int(fixed.get("folds", 0))
-    if "folds" not in fixed and n_total < CV_MAX_IMAGES:
+    counts = fp.get("counts", {})
+    smallest = min((sum(counts.get(s, {}).get(c, 0) for s in ("train", "val")) for c in fp["classes"]), default=0)
+    if "folds" not in fixed and n_total < CV_MAX_IMAGES and smallest < CV_FOLDS:
+        decide("folds", 0, f"{n_total} images would favour cross-validation, but the smallest class has {smallest} "
+                           f"image(s), fewer than {CV_FOLDS} folds: one model, validated on the val split")
+    elif "folds" not in fixed and n_total < CV_MAX_IMAGES:
         trial = _choose_size(cands, measure, n_total * (CV_FOLDS - 1) // CV_FOLDS, n_total // CV_FOLDS,
                              budget / (CV_FOLDS + bool(fixed.get("refit"))))
         if trial["fits"] or not measure.do_probe:

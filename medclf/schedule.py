@@ -16,7 +16,8 @@ import torch
 from .config import TrainConfig
 
 SATURATED_VAL_IMAGES = 1000  # zero errors on this many validation images: the error rate is below 3/n (rule of three)
-TAIL_FRACTION = 0.1  # an early end anneals over this share of the planned steps (at least one epoch's worth, see tail_steps)
+TAIL_FRACTION = 0.1  # an early end anneals over this share of the planned steps (see tail_steps for the bounds)
+MIN_TAIL = 3  # steps: one at the current rate, one between, one at 0
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine",
@@ -64,6 +65,7 @@ class Schedule:
         last_step = max(step, last_step)
         if last_step >= self.last_step:
             return
+        step = min(max(step, self.warmup), last_step)  # an end inside the warm-up still reaches the peak first
         self.end = [step, last_step, self(step)]
 
     def done(self, steps_taken: int) -> bool:
@@ -88,16 +90,17 @@ def schedule_of(scheduler) -> Schedule | None:
 
 
 def tail_steps(planned_steps: int, steps_per_epoch: int) -> int:
-    """How many steps an early end anneals over: a tenth of the plan, at most one epoch, at least two steps
-    (the last step of a schedule runs at rate 0, so one step alone would anneal nothing)."""
-    return max(2, min(steps_per_epoch, math.ceil(TAIL_FRACTION * planned_steps)))
+    """How many steps an early end anneals over: a tenth of the plan, at most one epoch, at least MIN_TAIL steps
+    (even when that spans epochs: the last step runs at rate 0, so one or two steps would anneal nothing)."""
+    return max(MIN_TAIL, min(steps_per_epoch, math.ceil(TAIL_FRACTION * planned_steps)))
 
 
 def epochs_that_fit(seconds_left: float, epoch_seconds: Sequence[float]) -> int:
-    """Whole epochs that fit in the time left, at the pace of the epochs so far (the slowest of the last three,
-    so one fast epoch does not promise time the next will not have)."""
+    """Whole epochs that fit in the time left, at the pace of the epochs so far: the slowest of the last three,
+    so one fast epoch does not promise time the next will not have, leaving out the first epoch once there are
+    others (it carries one-off costs: allocation, kernel selection, compilation)."""
     assert epoch_seconds, "needs at least one finished epoch"
-    pace = max(epoch_seconds[-3:])
+    pace = max((epoch_seconds[1:] or epoch_seconds)[-3:])
     return max(0, int(seconds_left // pace)) if pace > 0 else 1 << 30
 
 

@@ -282,15 +282,16 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
         history, best, start_epoch = _restore(state, model, ema, optimizer, scheduler, env["scaler"], gen, out)
     started = time.perf_counter() - (state or {}).get("elapsed", 0.0)  # the time budget's clock, continued on resume
     deadline = started + cfg.time_budget * 60 if cfg.time_budget else None
-    bad_epochs = _epochs_since_best(history, cfg.monitor)
+    bad_epochs = _epochs_since_best(history, cfg.monitor) if val_store is not None else 0
     stop_reason = (state or {}).get("stop_reason") or "completed"
+    keep_best = cfg.checkpoint == "best" and val_store is not None  # without validation there is no best epoch
     n_val = len(val_store) if val_store is not None else 0
     epochs = tqdm(range(start_epoch, cfg.epochs), desc=f"{desc}epochs".strip(), unit="epoch", initial=start_epoch,
                   total=cfg.epochs, disable=not env["progress"])
     try:
         for epoch in epochs:
-            if sched is not None and sched.done(scheduler.last_epoch):
-                break  # resumed after the schedule's last step: nothing left to train
+            if (state or {}).get("finished") or sched is not None and sched.done(scheduler.last_epoch):
+                break  # resumed after training had ended: nothing left to train
             t0 = time.perf_counter()
             order = epoch_order(len(train_store), train_store.labels, env["balance"], k, gen)
             left = sched.last_step + 1 - scheduler.last_epoch if sched is not None else None
@@ -310,7 +311,7 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
             extra = {"config": resolved, "epoch": epoch + 1, "val": {k2: v for k2, v in row.items() if k2.startswith("val_")}}
             improved = score > best
             best, bad_epochs = (score, 0) if improved else (best, bad_epochs + 1)
-            if cfg.checkpoint == "final" and math.isfinite(row.get("val_loss", 0.0)) or cfg.checkpoint == "best" and improved:
+            if keep_best and improved or not keep_best and math.isfinite(row.get("val_loss", 0.0)):
                 atomic.torch_save(models.checkpoint_dict(scored, spec, extra), out / "model.pt")
             done = sched is not None and sched.done(scheduler.last_epoch)
             if not done:
@@ -318,9 +319,12 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
                 ending = _early_end(cfg, history, bad_epochs, n_val, deadline, epoch, steps, sched, taken, finishable)
                 if ending is not None:
                     stop_reason, done = ending
+                    if sched is not None:  # the next step's rate follows the new end at once
+                        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+                            group["lr"] = base_lr * sched(taken)
             _save_last(out, model, ema, spec, extra, optimizer, scheduler, env["scaler"],
                        {"history": history, "best": best, "epoch": epoch + 1, "generator": gen.get_state(),
-                        "elapsed": time.perf_counter() - started, "stop_reason": stop_reason})
+                        "elapsed": time.perf_counter() - started, "stop_reason": stop_reason, "finished": done})
             write_history(out / "history.csv", history)
             epochs.set_postfix(loss=f"{train_loss:.4f}", **{f"val_{cfg.monitor}": f"{row.get(f'val_{cfg.monitor}', 0) or 0:.4f}"})
             if done or (deadline is not None and time.perf_counter() > deadline):
@@ -334,8 +338,8 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
     return {"history": history, "stop_reason": stop_reason}
 
 
-def _early_end(cfg: TrainConfig, history: list[dict], bad_epochs: int, n_val: int, deadline: float | None, epoch: int, steps: int, sched, taken: int, finishable: bool
-               ) -> tuple[str, bool] | None:
+def _early_end(cfg: TrainConfig, history: list[dict], bad_epochs: int, n_val: int, deadline: float | None,
+               epoch: int, steps: int, sched, taken: int, finishable: bool) -> tuple[str, bool] | None:
     """Whether training ends before its planned epochs: (why, stop now). A finishable (cosine) schedule does not
     stop at once: its end is brought forward to a short annealing tail, and training stops when that has run."""
     reason, last = None, None
@@ -352,6 +356,8 @@ def _early_end(cfg: TrainConfig, history: list[dict], bad_epochs: int, n_val: in
             reason, last = f"time budget of {cfg.time_budget:g} min", budget_last
     if reason is None or (finishable and last >= sched.last_step):
         return None  # nothing ends sooner than already planned
+    if not finishable and reason.startswith("time budget") and last >= taken:
+        return None  # a rate that cannot anneal: run on while whole epochs still fit
     if not finishable or last < taken:
         return reason, True
     sched.finish_at(taken, last)
@@ -453,6 +459,7 @@ def _load_state(state: dict, model, ema, optimizer, scheduler, scaler, gen: torc
 
 
 def _epochs_since_best(history: list[dict], monitor: str) -> int:
+    history = [r for r in history if "val_loss" in r]  # a refit has no validation rows
     if not history:
         return 0
     scores = [monitor_score(r, monitor) for r in history]

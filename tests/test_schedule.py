@@ -23,7 +23,7 @@ def test_lr_factor_warms_up_then_reaches_zero_exactly_on_the_last_step(total, wa
     assert schedule.lr_factor(3, total, 0, "constant") == 1.0
 
 
-@pytest.mark.parametrize("start,last", [(30, 40), (30, 30), (2, 9), (60, 99)])
+@pytest.mark.parametrize("start,last", [(30, 40), (30, 30), (6, 9), (60, 99)])
 def test_an_early_end_continues_the_rate_and_anneals_it_to_zero_on_its_last_step(start, last):
     sched = schedule.Schedule(total=100, warmup=5, kind="cosine")
     before = [sched(s) for s in range(start)]
@@ -161,8 +161,12 @@ def test_resume_keeps_the_early_end(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the plan's checkpoint rule
 
-def _fp(n_train, n_val):
-    return {"data": "x", "name": "x", "kind": "npz", "classes": ["a", "b"], "num_classes": 2,
+def _fp(n_train, n_val, smallest=None):
+    small = n_train // 2 if smallest is None else smallest
+    counts = {"train": {"a": small, "b": n_train - small}, "val": {"a": n_val // 2, "b": n_val - n_val // 2}}
+    if smallest is not None:
+        counts["val"] = {"a": 0, "b": n_val}
+    return {"data": "x", "name": "x", "kind": "npz", "classes": ["a", "b"], "num_classes": 2, "counts": counts,
             "images": {"train": n_train, "val": n_val}, "imbalance_ratio": 1.0, "short_side": {"median": 28},
             "channels": 1, "bit_depth": 8}
 
@@ -181,3 +185,37 @@ def test_the_plan_cross_validates_small_data_and_says_so():
     assert small["settings"]["checkpoint"] == "final" and small["settings"]["patience"] == 0
     assert big["settings"]["folds"] == 0
     assert make_plan(_fp(200, 100), fixed={"epochs": 5, "folds": 0})["settings"]["folds"] == 0
+
+
+def test_the_plan_does_not_cross_validate_a_class_too_small_for_the_folds():
+    plan = make_plan(_fp(200, 100, smallest=3), fixed={"epochs": 5})
+    assert plan["settings"]["folds"] == 0 and "smallest class has 3" in plan["reasons"]["folds"]
+
+
+# ---------------------------------------------------------------- edge cases of ending early
+
+def test_an_end_inside_the_warm_up_still_reaches_the_peak():
+    sched = schedule.Schedule(total=100, warmup=20, kind="cosine")
+    sched.finish_at(5, 40)
+    rates = [sched(s) for s in range(41)]
+    assert max(rates) == 1.0 and rates[19] == 1.0 and rates[40] == 0.0
+
+
+def test_a_constant_rate_runs_on_while_whole_epochs_fit_the_budget():
+    cfg = TrainConfig(epochs=50, schedule="constant", patience=0, stop_saturated=False, time_budget=5.0)
+    history = [{"seconds": 10.0, "val_accuracy": 0.5}]
+    import time
+    far = time.perf_counter() + 290  # 29 epochs of 10 s still fit, 49 are planned
+    assert training._early_end(cfg, history, 0, 10, far, 0, 3, None, 3, False) is None
+    near = time.perf_counter() + 5  # not one more epoch fits: stop now
+    assert training._early_end(cfg, history, 0, 10, near, 0, 3, None, 3, False)[1] is True
+
+
+def test_a_refit_history_without_validation_counts_no_bad_epochs():
+    rows = [{"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "train_loss": 0.4}]
+    assert training._epochs_since_best(rows, "loss") == 0
+
+
+def test_the_first_epoch_does_not_set_the_pace_once_there_are_others():
+    assert schedule.epochs_that_fit(100.0, [40.0, 10.0, 10.0]) == 10
+    assert schedule.epochs_that_fit(100.0, [40.0]) == 2
