@@ -153,9 +153,11 @@ def run_one(name: str, data: Path, seed: int, budget: float, out: Path, **extra)
         result = medclf.train(data=str(data), seed=seed, time_budget=budget, out=str(out), force=True,
                               progress=False, **extra)
     minutes = (time.perf_counter() - t0) / 60
-    val = result["metrics"]["val"]
+    held = "val" if "val" in result["metrics"] else "oof"  # a --folds run validates out of fold, on train+val
+    val = result["metrics"][held]
     config = yaml.safe_load((out / "config.yaml").read_text())
-    row = {"dataset": name, "seed": seed, "budget_min": budget, **{f"val_{m}": val[m] for m in METRICS}}
+    row = {"dataset": name, "seed": seed, "budget_min": budget, "validated_on": held, "folds": config.get("folds"),
+           **{f"val_{m}": val[m] for m in METRICS}}
     if val.get("threshold"):
         row["val_accuracy_at_threshold"] = val["threshold"]["accuracy"]
         row["val_f1_macro_at_threshold"] = val["threshold"]["f1_macro"]
@@ -264,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--base", help="pneumoniamnist model.pt for the chest fine-tuning (default: this script's run)")
     parser.add_argument("--chest-scratch", action="store_true", help="also train chest_xray_400 from scratch")
+    parser.add_argument("--no-chest-finetune", dest="chest_finetune", action="store_false",
+                        help="train chest_xray_400 from scratch only (with --chest-scratch)")
     parser.add_argument("--pseudo-test", type=float, metavar="FRACTION",
                         help="carve this fraction of each train split as a test split and compare the runs' estimates with it")
     parser.add_argument("--carve-seed", type=int, default=0, help="seed of the pseudo-test carving (not of training)")
@@ -305,13 +309,14 @@ def main(argv: list[str] | None = None) -> int:
                     run_one("mednist", data, seed, budget["mednist"], runs / f"mednist-s{seed}", **settings))
             if "chest" in datasets:
                 base = Path(args.base) if args.base else runs / f"pneumoniamnist-s{seed}" / "model.pt"
-                if not base.is_file():
+                if args.chest_finetune and not base.is_file():
                     log(f"no pneumoniamnist model at {base}: run the pneumoniamnist benchmark first or pass --base")
                     return 2
                 data = data_for("chest_xray_400", shared / "chest_xray_400")
-                rows.setdefault("chest_xray_400 (fine-tuned)", []).append(
-                    run_one("chest_xray_400 (fine-tuned)", data, seed, budget["chest"],
-                            runs / f"chest-ft-s{seed}", weights=str(base), **settings))
+                if args.chest_finetune:
+                    rows.setdefault("chest_xray_400 (fine-tuned)", []).append(
+                        run_one("chest_xray_400 (fine-tuned)", data, seed, budget["chest"],
+                                runs / f"chest-ft-s{seed}", weights=str(base), **settings))
                 if args.chest_scratch:
                     rows.setdefault("chest_xray_400 (scratch)", []).append(
                         run_one("chest_xray_400 (scratch)", data, seed, budget["chest"],
