@@ -391,8 +391,9 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
                       do_probe=do_probe and "epochs" not in fixed)
     models_trained = 1 + bool(fixed.get("refit"))
     folds = int(fixed.get("folds", 0))
-    counts = fp.get("counts", {})
-    smallest = min((sum(counts.get(s, {}).get(c, 0) for s in ("train", "val")) for c in fp["classes"]), default=0)
+    counts = fp.get("counts")  # absent: nothing known about the classes, so nothing rules the folds out
+    smallest = (min((sum(counts.get(s, {}).get(c, 0) for s in ("train", "val")) for c in fp["classes"]), default=0)
+                if counts else CV_FOLDS)
     if "folds" not in fixed and n_total < CV_MAX_IMAGES and smallest < CV_FOLDS:
         decide("folds", 0, f"{n_total} images would favour cross-validation, but the smallest class has {smallest} "
                            f"image(s), fewer than {CV_FOLDS} folds: one model, validated on the val split")
