@@ -27,6 +27,7 @@ class Split:
     paths: list[str] | None = None
     npz_key: str | None = None  # e.g. "train" for train_images
     rows: np.ndarray | None = None
+    groups: list[str] | None = None  # patient/study of each image where known: splits keep a group together
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -174,7 +175,8 @@ def _subset(split: Split, idx: np.ndarray) -> Split:
     return Split(labels=split.labels[idx],
                  paths=[split.paths[i] for i in idx] if split.paths is not None else None,
                  npz_key=split.npz_key,
-                 rows=split.rows[idx] if split.rows is not None else None)
+                 rows=split.rows[idx] if split.rows is not None else None,
+                 groups=[split.groups[i] for i in idx] if split.groups is not None else None)
 
 
 def open_source(data: str | os.PathLike, classes: list[str] | None = None, seed: int = 0,
