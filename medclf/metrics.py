@@ -25,7 +25,6 @@ from .stats import bootstrap_ci
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 HEADLINE = ("accuracy", "balanced_accuracy", "auc", "f1_macro")
-PAIR_COUNT_LIMIT = 40_000  # below this many positive×negative pairs, counting them beats ranking
 
 # How the images behind an estimate relate to training (metrics.json["estimate"]["method"]).
 METHOD_OOF = "out-of-fold, K={k}"
@@ -41,87 +40,129 @@ def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
     return np.bincount(np.asarray(y) * k + np.asarray(pred), minlength=k * k).reshape(k, k)
 
 
+def weighted_confusion(y: np.ndarray, pred: np.ndarray, k: int, weights: np.ndarray) -> np.ndarray:
+    """B×K×K confusion matrices, image i counted weights[b, i] times in matrix b (a bootstrap resample's
+    multiplicities; all ones is the plain confusion matrix)."""
+    cell = np.asarray(y) * k + np.asarray(pred)
+    cells, sums = _group_sums(weights, cell)
+    out = np.zeros((len(weights), k * k))
+    out[:, cells] = sums
+    return out.reshape(len(weights), k, k)
+
+
+def _group_sums(weights: np.ndarray, keys: np.ndarray, rows: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct keys in ascending order, and per row of weights (B×N) the weight summed over each key,
+    counting only the images where `rows` (a boolean mask) is true. One sparse product: no B×N copies."""
+    from scipy.sparse import csr_matrix  # imported where used: `import medclf` stays light
+
+    distinct, inverse = np.unique(np.asarray(keys), return_inverse=True)
+    take = np.ones(len(inverse), dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+    member = csr_matrix((np.ones(int(take.sum())), (np.flatnonzero(take), inverse[take])),
+                        shape=(len(inverse), len(distinct)))
+    return distinct, np.asarray(weights @ member)
+
+
 def _ratio(num: np.ndarray, den: np.ndarray, undefined: float) -> np.ndarray:
     return np.where(den > 0, num / np.maximum(den, 1), undefined)
 
 
 def class_rates(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-class precision, recall, F1, specificity and support from a confusion matrix."""
-    tp, actual, predicted, total = np.diag(cm), cm.sum(1), cm.sum(0), cm.sum()
-    negatives = total - actual
+    """Per-class precision, recall, F1, specificity and support from a K×K (or B×K×K) confusion matrix."""
+    tp, actual, predicted = np.diagonal(cm, axis1=-2, axis2=-1), cm.sum(-1), cm.sum(-2)
+    negatives = cm.sum((-2, -1))[..., None] - actual
     return {"precision": _ratio(tp, predicted, 0.0), "recall": _ratio(tp, actual, np.nan),
             "f1": _ratio(2 * tp, actual + predicted, 0.0),
             "specificity": _ratio(negatives - (predicted - tp), negatives, np.nan), "support": actual}
 
 
-def _macro(cm: np.ndarray, rate: str) -> float:
+def _mean_over(values: np.ndarray, used: np.ndarray) -> np.ndarray:
+    n = used.sum(-1)
+    return np.where(n > 0, np.where(used, values, 0.0).sum(-1) / np.maximum(n, 1), np.nan)
+
+
+def _macro(cm: np.ndarray, rate: str) -> np.ndarray:
     """Mean of a per-class rate over the classes in the labels or the predictions."""
-    used = (cm.sum(1) > 0) | (cm.sum(0) > 0)
-    values = np.nan_to_num(class_rates(cm)[rate])  # a predicted class without images has recall 0 here
-    return float(values[used].mean()) if used.any() else float("nan")
+    used = (cm.sum(-1) > 0) | (cm.sum(-2) > 0)
+    return _mean_over(np.nan_to_num(class_rates(cm)[rate]), used)  # a predicted class without images: recall 0
 
 
-def _balanced_accuracy(cm: np.ndarray) -> float:
-    present = cm.sum(1) > 0
-    return float(class_rates(cm)["recall"][present].mean()) if present.any() else float("nan")
+def _balanced_accuracy(cm: np.ndarray) -> np.ndarray:
+    return _mean_over(np.nan_to_num(class_rates(cm)["recall"]), cm.sum(-1) > 0)
 
 
-def _cm(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    return confusion(y, probs.argmax(1), probs.shape[1])
+def _from_weights(on_weights: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> Metric:
+    """A metric of (labels, probabilities) from its weighted form, which `stats.bootstrap_ci` evaluates on a
+    thousand resamples at once (`metric.on_weights(y, probs, weights B×N)` → B values)."""
+    def metric(y: np.ndarray, probs: np.ndarray) -> float:
+        y, probs = np.asarray(y), np.asarray(probs)
+        return float(on_weights(y, probs, np.ones((1, len(y))))[0])
+    metric.on_weights = on_weights
+    metric.__name__ = on_weights.__name__
+    return metric
 
 
-def accuracy(y: np.ndarray, probs: np.ndarray) -> float:
-    return float(np.mean(probs.argmax(1) == y)) if len(y) else float("nan")
+def _cm(y: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return weighted_confusion(y, probs.argmax(1), probs.shape[1], weights)
 
 
-def balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
-    return _balanced_accuracy(_cm(y, probs))
+@_from_weights
+def accuracy(y: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    total = weights.sum(1)
+    correct = weights @ (probs.argmax(1) == y).astype(float)
+    return np.where(total > 0, correct / np.maximum(total, 1), np.nan)
 
 
-def f1_macro(y: np.ndarray, probs: np.ndarray) -> float:
-    return _macro(_cm(y, probs), "f1")
+@_from_weights
+def balanced_accuracy(y: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return _balanced_accuracy(_cm(y, probs, weights))
+
+
+@_from_weights
+def f1_macro(y: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return _macro(_cm(y, probs, weights), "f1")
+
+
+def weighted_auc(positive: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC of `score` for the boolean `positive`, image i counted weights[b, i] times (B values); ties count
+    one half (the Mann-Whitney statistic over tied score groups). NaN without both outcomes."""
+    positive = np.asarray(positive, dtype=bool)
+    _, pos = _group_sums(weights, score, positive)
+    _, neg = _group_sums(weights, score, ~positive)
+    below = np.cumsum(neg, axis=1) - neg  # negatives scored lower than each score group
+    m, n = pos.sum(1), neg.sum(1)
+    wins = (pos * (below + 0.5 * neg)).sum(1)
+    return np.where((m > 0) & (n > 0), wins / np.maximum(m * n, 1e-300), np.nan)
 
 
 def binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
     """ROC AUC of `score` for the boolean `positive`; ties count one half. NaN without both outcomes."""
-    m = int(positive.sum())
-    n = len(positive) - m
-    if m == 0 or n == 0:
-        return float("nan")
-    if m * n <= PAIR_COUNT_LIMIT:
-        pos, neg = score[positive][:, None], score[~positive][None, :]
-        return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (m * n))
-    from scipy.stats import rankdata
-
-    ranks = rankdata(score)  # midranks: ties count one half, as in the ROC area
-    return float((ranks[positive].sum() - m * (m + 1) / 2) / (m * n))
+    return float(weighted_auc(positive, score, np.ones((1, len(positive))))[0])
 
 
-def auc(y: np.ndarray, probs: np.ndarray) -> float:
+@_from_weights
+def auc(y: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """One-vs-rest macro ROC AUC over the classes present in y (binary: the AUC of P(class 1))."""
-    y = np.asarray(y)
-    present = np.unique(y)
-    if len(present) < 2:
-        return float("nan")
     if probs.shape[1] == 2:  # the AUCs of class 0 and class 1 are equal; class 1's is the one reported
-        return binary_auc(y == 1, probs[:, 1])
-    return float(np.mean([binary_auc(y == c, probs[:, c]) for c in present]))
+        return weighted_auc(y == 1, probs[:, 1], weights)
+    present = np.stack([weights @ (y == c).astype(float) > 0 for c in range(probs.shape[1])], axis=1)
+    aucs = np.stack([weighted_auc(y == c, probs[:, c], weights) if present[:, c].any() else
+                     np.full(len(weights), np.nan) for c in range(probs.shape[1])], axis=1)
+    return np.where(present.sum(1) >= 2, _mean_over(np.nan_to_num(aucs), present), np.nan)
 
 
 def recall_of(c: int) -> Metric:
     """Recall (sensitivity) of class index c; NaN without images of c."""
-    def recall(y: np.ndarray, probs: np.ndarray) -> float:
-        positives = y == c
-        return float(np.mean(probs[positives].argmax(1) == c)) if positives.any() else float("nan")
-    return recall
+    def recall(y: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return class_rates(_cm(y, probs, weights))["recall"][:, c]
+    return _from_weights(recall)
 
 
 def specificity_of(c: int) -> Metric:
     """Specificity of class index c (recall of "not c"); NaN without images of other classes."""
-    def specificity(y: np.ndarray, probs: np.ndarray) -> float:
-        negatives = y != c
-        return float(np.mean(probs[negatives].argmax(1) != c)) if negatives.any() else float("nan")
-    return specificity
+    def specificity(y: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return class_rates(_cm(y, probs, weights))["specificity"][:, c]
+    return _from_weights(specificity)
 
 
 def metric_functions(classes: list[str]) -> dict[str, Metric]:
@@ -165,11 +206,11 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     return {
         "n": int(len(y_true)),
         "accuracy": float(np.mean(pred == y_true)) if len(y_true) else float("nan"),
-        "balanced_accuracy": _balanced_accuracy(cm),
+        "balanced_accuracy": float(_balanced_accuracy(cm)),
         "auc": auc(y_true, probs),
-        "f1_macro": _macro(cm, "f1"),
-        "precision_macro": _macro(cm, "precision"),
-        "recall_macro": _macro(cm, "recall"),
+        "f1_macro": float(_macro(cm, "f1")),
+        "precision_macro": float(_macro(cm, "precision")),
+        "recall_macro": float(_macro(cm, "recall")),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
     }

@@ -23,12 +23,36 @@ def _safe_metric(metric: Metric, y_true: np.ndarray, y_score: np.ndarray) -> flo
 def _boot_values(
     metric: Metric, y_true: np.ndarray, y_score: np.ndarray, idx: np.ndarray
 ) -> np.ndarray:
-    """Metric on each resample (rows of `idx`); nan where undefined, without sklearn's warnings."""
+    """Metric on each resample (rows of `idx`); nan where undefined, without sklearn's warnings.
+
+    A metric with an `on_weights(y, score, weights)` form (medclf.metrics) gets every resample at once as
+    per-image multiplicities, a chunk of resamples at a time; others are called once per resample."""
+    on_weights = getattr(metric, "on_weights", None)
+    if on_weights is not None:
+        return _weighted_boot_values(on_weights, y_true, y_score, idx)
     with warnings.catch_warnings():
         from sklearn.exceptions import UndefinedMetricWarning  # imported where used: slow to import
 
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         return np.array([_safe_metric(metric, y_true[i], y_score[i]) for i in idx])
+
+
+WEIGHT_CHUNK = 4_000_000  # resamples × images per weighted chunk: bounds memory (8 bytes each, a few copies)
+
+
+def _weighted_boot_values(on_weights, y_true: np.ndarray, y_score: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    n_boot, n = idx.shape
+    rows = max(1, WEIGHT_CHUNK // max(n, 1))
+    values = []
+    for start in range(0, n_boot, rows):
+        chunk = idx[start:start + rows]
+        offsets = np.arange(len(chunk))[:, None] * n
+        weights = np.bincount((chunk + offsets).ravel(), minlength=len(chunk) * n).reshape(len(chunk), n)
+        # column-major: the metrics' sparse products read weights by image, which is then contiguous
+        weights = np.asfortranarray(weights, dtype=float)
+        values.append(np.asarray(on_weights(y_true, y_score, weights), dtype=float))
+    boot = np.concatenate(values)
+    return np.where(np.isfinite(boot), boot, np.nan)
 
 
 def _boot_indices(n: int, n_boot: int, seed: int) -> np.ndarray:

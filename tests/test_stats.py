@@ -250,3 +250,25 @@ def test_mean_std():
     assert out == {"mean": 2.0, "std": 1.0, "values": [1.0, 2.0, 3.0]}
     assert all(isinstance(v, float) for v in out["values"])
     assert mean_std([0.5]) == {"mean": 0.5, "std": 0.0, "values": [0.5]}
+
+
+@pytest.mark.parametrize("k,n", [(2, 4), (2, 300), (4, 12), (6, 500)])
+def test_weighted_bootstrap_equals_one_resample_at_a_time(k, n):
+    """The metrics' all-resamples-at-once form gives what calling the metric on each resample gives,
+    nan (a class missing from a resample) included."""
+    from medclf import metrics
+    from medclf.stats import _boot_indices, _boot_values
+
+    rng = np.random.default_rng(k * n)
+    y = rng.integers(0, k, n)
+    probs = rng.dirichlet(np.ones(k), n).round(2)  # rounded: tied scores
+    funcs = dict(metrics.metric_functions([f"c{i}" for i in range(k)]))
+    funcs.update({f"specificity_{i}": metrics.specificity_of(i) for i in range(k)})
+    idx = _boot_indices(n, 200, seed=1)
+    for name, metric in funcs.items():
+        assert hasattr(metric, "on_weights"), name
+        fast = _boot_values(metric, y, probs, idx)
+        slow = _boot_values(lambda a, b, m=metric: m(a, b), y, probs, idx)  # no on_weights: one by one
+        np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=1e-12, equal_nan=True, err_msg=name)
+        if n <= 12 and name.startswith("recall"):
+            assert np.isnan(slow).any(), name  # the undefined case is exercised
