@@ -107,15 +107,31 @@ def read_pixels(path: str | Path) -> np.ndarray:
 def _decode(ds, path) -> np.ndarray:
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and syntax.is_compressed:
+        missing = _missing_decoder(syntax)
+        if missing:
+            raise MedclfError(f"DICOM file {path} is compressed ({syntax.name}) and no installed decoder reads it: "
+                              f"{missing}")
     try:
         return ds.pixel_array
-    except (RuntimeError, NotImplementedError, ImportError) as exc:
-        if syntax is not None and syntax.is_compressed:
-            raise MedclfError(f"DICOM file {path} is compressed ({syntax.name}) and no installed decoder reads it: "
-                              f"{DECODER_HINT}") from None
-        raise MedclfError(f"cannot decode the pixels of DICOM file {path}: {str(exc).splitlines()[0]}") from None
-    except (ValueError, AttributeError, KeyError) as exc:  # inconsistent pixel module (sizes, bit depths)
-        raise MedclfError(f"cannot decode the pixels of DICOM file {path}: {exc}") from None
+    except (RuntimeError, NotImplementedError, ImportError, ValueError, AttributeError, KeyError) as exc:
+        # corrupt compressed data, or a pixel module whose sizes and bit depths disagree with the data
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MedclfError(f"cannot decode the pixels of DICOM file {path}: {first}") from None
+
+
+def _missing_decoder(syntax) -> str | None:
+    """What to install when no pydicom plug-in decodes `syntax`; None when one is available."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:  # a compressed syntax pydicom has no decoder for at all
+        return f"pydicom cannot decode it; convert it to an uncompressed transfer syntax ({DECODER_HINT} may help)"
+    if decoder.is_available:
+        return None
+    needs = [str(m).split(" - requires ")[-1] for m in decoder.missing_dependencies]
+    return "install one of: " + "; ".join(needs) if needs else DECODER_HINT
 
 
 def _gray(stored: np.ndarray, ds, path) -> np.ndarray:
