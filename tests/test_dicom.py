@@ -139,3 +139,15 @@ def test_bad_dicom_inputs_are_one_line_and_exit_2(tmp_path, capsys, make, messag
     code = main(["train", str(data), "--epochs", "1", "--no-plan", "--out", str(tmp_path / "run"), "--no-cache"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message.split(" (")[0] in err[0], err
+
+
+def test_plan_fingerprints_a_dicom_folder(tmp_path, gray):
+    from medclf import plan
+
+    for split in ("train", "val"):
+        for i, cls in enumerate(("a", "b")):
+            for k, kind in enumerate(KINDS):
+                write_kind(tmp_path / split / cls / f"{kind}.dcm", np.roll(gray, i + k), kind, patient=f"{split}{cls}{k}")
+    fp = plan(str(tmp_path), do_probe=False, verbose=False)["fingerprint"]
+    assert fp["dicom_mapping"] == dicom.MAPPING and fp["formats"] == {"DICOM": 8}
+    assert fp["width"]["median"] == 30 and fp["bit_depth"] == 12 and fp["unreadable_in_sample"] == 0

@@ -179,3 +179,18 @@ def test_bad_label_files_are_one_line_and_exit_2(tmp_path, capsys, change, flags
 def test_table_flags_on_a_folder_are_refused(split_folder, capsys):
     assert main(["plan", str(split_folder), "--label-col", "x", "--out", "-", "--no-probe"]) == 2
     assert "--label-col applies to a CSV/TSV label file" in capsys.readouterr().err
+
+
+def test_compare_fixes_a_label_files_split_as_a_label_file_keeping_groups(tmp_path):
+    from medclf.comparison import fixed_splits
+
+    rows = [{"file": r["path"], "target": r["label"], "subject": r["patient"]} for r in image_rows(tmp_path, 20, 10)]
+    table = write_table(tmp_path / "labels.csv", rows)
+    used, note = fixed_splits(str(table), tmp_path / "cmp", 0, 0.2, 0.2)
+    assert used == str(tmp_path / "cmp" / "data.csv") and "grouped by patient (column subject)" in note
+    original = sources.open_source(table, seed=0, val_fraction=0.2, test_fraction=0.2)
+    fixed = sources.open_source(used)
+    assert not fixed.generated_splits and fixed.grouping == "column group"
+    for name, split in original.splits.items():
+        assert [str(Path(p).resolve()) for p in split.paths] == fixed.splits[name].paths
+        assert split.groups == fixed.splits[name].groups

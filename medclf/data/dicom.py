@@ -66,12 +66,13 @@ def header(path: str | Path):
     return _read(path, pixels=False)
 
 
-def image_size(path: str | Path) -> tuple[int, int] | None:
-    """(columns, rows) from the header; None when the file has no image."""
+def describe(path: str | Path) -> tuple[int, int, str, int]:
+    """(width, height, photometric interpretation, bits stored) from the header, for the plan's fingerprint."""
     ds = header(path)
     if "Rows" not in ds or "Columns" not in ds:
-        return None
-    return int(ds.Columns), int(ds.Rows)
+        raise MedclfError(f"DICOM file {path} has no pixel data (no Rows/Columns), so it is no image")
+    return (int(ds.Columns), int(ds.Rows), str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
+            int(ds.get("BitsStored", 8)))
 
 
 def group_of(path: str | Path) -> str | None:

@@ -87,10 +87,9 @@ def _decode_pil(path: str, size: int) -> np.ndarray:
 
 
 def _decode_dicom(path: str, size: int) -> np.ndarray:
-    shape = dicom.image_size(path)
+    width, height, _, _ = dicom.describe(path)
     try:
-        if shape is not None:
-            _check_size(*shape)
+        _check_size(width, height)
         img = Image.fromarray(dicom.read_pixels(path))
     except Image.DecompressionBombError as exc:
         raise MedclfError(f"cannot read image {path}: {exc}") from None
@@ -172,8 +171,7 @@ def probe_folder_size(paths: list[str], sample: int = 200) -> int:
     for p in paths[::step][:sample]:
         try:
             if dicom.is_dicom(p):
-                shape = dicom.image_size(p)
-                sides += [min(shape)] if shape else []
+                sides.append(min(dicom.describe(p)[:2]))
                 continue
             with _bombs_are_errors(), Image.open(p) as img:
                 sides.append(min(img.size))

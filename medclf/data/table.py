@@ -4,7 +4,7 @@ Columns, found by name (case, spaces and underscores ignored) unless named by a 
 path (`--path-col`): path|file|filename|image|Image Index, relative to the file's folder or to `--images DIR`;
 label (`--label-col`): label|class|target|Finding Labels;
 split (`--split-col`, optional): split|fold, values train, val, test (also training, valid, validation, testing);
-group (`--group-col`, optional): patient|patient_id|Patient ID|subject|study: the patient or study of the image.
+group (`--group-col`, optional): patient|patient_id|Patient ID|subject|study|group: the patient or study of the image.
 Without a split column the rows are split as class folders are (stratified, grouped by patient).
 Errors name the line of the file: a missing image, an empty label, a label that train lacks, a path listed twice.
 """
@@ -26,7 +26,7 @@ COLUMN_NAMES = {  # detected spellings, normalised by `_norm`
     "path": ("path", "file", "filename", "image", "imageindex", "imagepath", "filepath"),
     "label": ("label", "class", "target", "findinglabels", "diagnosis"),
     "split": ("split", "fold"),
-    "group": ("patient", "patientid", "subject", "subjectid", "study", "studyid"),
+    "group": ("patient", "patientid", "subject", "subjectid", "study", "studyid", "group"),
 }
 SPLIT_VALUES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                 "test": "test", "testing": "test"}
