@@ -37,6 +37,13 @@ ASPECT_FACTOR = 1.5  # an aspect ratio more than this factor away from the media
 PAIRWISE_LIMIT = 100_000  # above this many images near-duplicates are only those with equal hashes
 MAX_PAIRS = 10_000  # listed per kind of pair in doctor.json; the summary counts them all
 EXACT_METHOD = {"folder": "SHA-256 of each file's bytes", "npz": "SHA-256 of each row's pixels as uint8"}
+SUMMARY_WORDS = {"cross_split_exact": "exact duplicate pair(s) across splits",
+                 "cross_split_near": "near-duplicate pair(s) across splits",
+                 "group_overlap": "patient(s)/group(s) in more than one split",
+                 "label_conflicts": "image(s) with conflicting labels",
+                 "duplicates_exact": "exact duplicate pair(s) within a split",
+                 "duplicates_near": "near-duplicate pair(s) within a split", "unreadable": "unreadable file(s)",
+                 "outliers": "size/aspect/channel/bit-depth outlier(s)", "nearly_constant": "nearly constant image(s)"}
 BITS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
 
 
@@ -179,7 +186,7 @@ def near_pairs(phash: np.ndarray, decoded: np.ndarray, thumbs: np.ndarray, hashe
     return found
 
 
-def _hash_neighbours(h: np.ndarray, chunk: int = 1024) -> list[tuple[int, int, int]]:
+def _hash_neighbours(h: np.ndarray) -> list[tuple[int, int, int]]:
     """(a, b, distance) for a < b with Hamming distance at most NEAR_HASH_DISTANCE; equal hashes only when many."""
     if len(h) > PAIRWISE_LIMIT:
         notice(f"{len(h)} images: near-duplicates limited to equal perceptual hashes (pairwise above {PAIRWISE_LIMIT})")
@@ -187,7 +194,7 @@ def _hash_neighbours(h: np.ndarray, chunk: int = 1024) -> list[tuple[int, int, i
         for a, value in enumerate(h.tolist()):
             same[value].append(a)
         return [(m[0], b, 0) for m in same.values() for b in m[1:]]
-    pairs = []
+    pairs, chunk = [], max(1, 2 ** 24 // max(len(h), 1))  # rows per step: about 128 MB of XORed hashes
     for start in range(0, len(h), chunk):
         distance = np.bitwise_count(h[start:start + chunk, None] ^ h[None, :])
         rows, cols = np.nonzero(distance <= NEAR_HASH_DISTANCE)
@@ -388,14 +395,7 @@ def summary_lines(findings: dict) -> list[str]:
     """What `medclf doctor` prints: one line per kind of finding that is present, and the images checked."""
     s = findings["summary"]
     lines = [f"{s['images']} images in {', '.join(findings['splits'])}"]
-    words = {"cross_split_exact": "exact duplicate pair(s) across splits",
-             "cross_split_near": "near-duplicate pair(s) across splits",
-             "group_overlap": "patient(s)/group(s) in more than one split",
-             "label_conflicts": "image(s) with conflicting labels",
-             "duplicates_exact": "exact duplicate pair(s) within a split",
-             "duplicates_near": "near-duplicate pair(s) within a split", "unreadable": "unreadable file(s)",
-             "outliers": "size/aspect/channel/bit-depth outlier(s)", "nearly_constant": "nearly constant image(s)"}
-    lines += [f"{s[key]} {text}" for key, text in words.items() if s[key]]
+    lines += [f"{s[key]} {text}" for key, text in SUMMARY_WORDS.items() if s[key]]
     lines += [f"class imbalance in {split}: largest/smallest class {ratio:g}"
               for split, ratio in findings["imbalance"].items() if ratio is not None and ratio >= 3]
     lines.append("LEAKAGE: images, patients or labels cross splits" if s["leakage"] else "no cross-split leakage found")

@@ -8,15 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..doctor import SUMMARY_WORDS
 from . import html as H
 
 SHOWN = 40  # pairs (or conflicts, blank frames) shown with thumbnails per section; doctor.json lists them all
 ROWS = 200  # table rows per section
-SUMMARY = {"images": "images", "cross_split_exact": "exact duplicates across splits",
-           "cross_split_near": "near-duplicates across splits", "group_overlap": "patients/groups in two or more splits",
-           "label_conflicts": "images with conflicting labels", "duplicates_exact": "exact duplicates within a split",
-           "duplicates_near": "near-duplicates within a split", "unreadable": "unreadable files",
-           "outliers": "size/aspect/channel/bit-depth outliers", "nearly_constant": "nearly constant images"}
 
 
 def write_page(path: Path, findings: dict, thumbs: np.ndarray, images) -> Path:
@@ -47,7 +43,8 @@ def write_page(path: Path, findings: dict, thumbs: np.ndarray, images) -> Path:
 
 def _summary(findings: dict) -> str:
     s = findings["summary"]
-    rows = [[H.esc(label), H.num(s[key], ["summary", key], 0)] for key, label in SUMMARY.items()]
+    words = {"images": "images", **SUMMARY_WORDS}
+    rows = [[H.esc(label), H.num(s[key], ["summary", key], 0)] for key, label in words.items()]
     splits = ", ".join(f"{H.esc(name)} {H.num(info['images'], ['splits', name, 'images'], 0)}"
                        + (f" ({H.esc(info['generated'])})" if info["generated"] else "")
                        for name, info in findings["splits"].items())
@@ -61,13 +58,18 @@ def _caption(ref: dict) -> str:
     return f"{H.esc(ref['split'])}: {H.esc(Path(str(ref['item'])).name)}"
 
 
-def _pairs(pairs: list[dict], thumb, empty: str) -> str:
-    if not pairs:
+def _gallery(found: list[dict], card, empty: str) -> str:
+    """Up to SHOWN findings as thumbnail cards (`card(finding)` is the HTML inside one), or `empty`."""
+    if not found:
         return f'<p class="muted">{empty}</p>'
-    cards = [f'<div class="card">{thumb(p["a"])}{thumb(p["b"])}<br>{H.esc(p["kind"])}'
-             + (f" (hash distance {p['distance']})" if p["kind"] == "near" else "")
-             + f"<br>{_caption(p['a'])}<br>{_caption(p['b'])}</div>" for p in pairs[:SHOWN]]
-    return f'<div class="gallery">{"".join(cards)}</div>' + _more(len(pairs))
+    cards = "".join(f'<div class="card">{card(f)}</div>' for f in found[:SHOWN])
+    return f'<div class="gallery">{cards}</div>' + _more(len(found))
+
+
+def _pairs(pairs: list[dict], thumb, empty: str) -> str:
+    return _gallery(pairs, lambda p: f'{thumb(p["a"])}{thumb(p["b"])}<br>{H.esc(p["kind"])}'
+                    + (f" (hash distance {p['distance']})" if p["kind"] == "near" else "")
+                    + f"<br>{_caption(p['a'])}<br>{_caption(p['b'])}", empty)
 
 
 def _more(total: int, shown: int = SHOWN) -> str:
@@ -83,13 +85,9 @@ def _groups(findings: dict) -> str:
 
 
 def _conflicts(findings: dict, thumb) -> str:
-    conflicts = findings["label_conflicts"]
-    if not conflicts:
-        return '<p class="muted">No image carries two labels.</p>'
-    cards = ['<div class="card">' + "".join(thumb(r) for r in c["items"][:4]) + "<br>"
-             + "<br>".join(f"{_caption(r)} → {H.esc(r['label'])}" for r in c["items"]) + "</div>"
-             for c in conflicts[:SHOWN]]
-    return f'<div class="gallery">{"".join(cards)}</div>' + _more(len(conflicts))
+    return _gallery(findings["label_conflicts"], lambda c: "".join(thumb(r) for r in c["items"][:4]) + "<br>"
+                    + "<br>".join(f"{_caption(r)} → {H.esc(r['label'])}" for r in c["items"]),
+                    "No image carries two labels.")
 
 
 def _counts(findings: dict) -> str:
@@ -108,11 +106,8 @@ def _outliers(findings: dict) -> str:
 
 
 def _blank(findings: dict, thumb) -> str:
-    blank = findings["nearly_constant"]
-    if not blank:
-        return '<p class="muted">No nearly constant images.</p>'
-    cards = [f'<div class="card">{thumb(b)}<br>{_caption(b)}<br>std {b["std"]:.2f}</div>' for b in blank[:SHOWN]]
-    return f'<div class="gallery">{"".join(cards)}</div>' + _more(len(blank))
+    return _gallery(findings["nearly_constant"], lambda b: f'{thumb(b)}<br>{_caption(b)}<br>std {b["std"]:.2f}',
+                    "No nearly constant images.")
 
 
 def _rows(header: list[str], rows: list[list[str]], empty: str) -> str:
