@@ -73,18 +73,41 @@ def flatten(source: Source) -> Images:
 # ---------------------------------------------------------------- reading: hashes, headers, decoded thumbnails
 
 def _read_file(path: str) -> tuple[str | None, dict | None, str | None]:
-    """(content hash, header {width, height, mode} or None, error) of one file, reading it once."""
+    """(content hash, header or None, error) of one file, reading it once."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         return None, None, f"cannot read {path}: {exc.strerror or exc}"
-    header = None
+    return hashlib.sha256(data).hexdigest(), image_header(data) or dicom_header(data), None
+
+
+def image_header(data: bytes) -> dict | None:
+    """{width, height, channels, bits, mode} from an image file's header (PIL reads no pixels); None if unknown."""
+    from .data.store import UNREADABLE
+
     try:
         with Image.open(io.BytesIO(data)) as img:
-            header = {"width": img.size[0], "height": img.size[1], "mode": img.mode}
-    except Exception:  # noqa: BLE001 - any header PIL cannot parse (DICOM, damaged files): no header facts, not a bug
-        header = None
-    return hashlib.sha256(data).hexdigest(), header, None
+            mode, (width, height) = img.mode, img.size
+    except UNREADABLE:
+        return None
+    channels = 3 if mode == "P" else Image.getmodebands(mode)  # a palette maps to colour
+    return {"width": width, "height": height, "channels": channels, "bits": BITS.get(mode, 8), "mode": mode}
+
+
+def dicom_header(data: bytes) -> dict | None:
+    """The same facts from a DICOM header (pixels not read), where pydicom is installed; None otherwise."""
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError:
+        return None
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        return {"width": int(ds.Columns), "height": int(ds.Rows), "channels": int(ds.get("SamplesPerPixel", 1)),
+                "bits": int(ds.get("BitsStored", ds.get("BitsAllocated", 8))),
+                "mode": f"DICOM {ds.get('PhotometricInterpretation', '')}".strip()}
+    except (InvalidDicomError, AttributeError, KeyError, ValueError, TypeError, EOFError, OSError):
+        return None  # not a DICOM, or one without an image: the decoder says why if it cannot read it
 
 
 def _npz_hashes(source: Source, split: Split) -> list[str]:
@@ -267,8 +290,8 @@ def header_outliers(headers: list[dict | None], images: Images) -> list[dict]:
     width = np.array([headers[i]["width"] for i in known], float)
     height = np.array([headers[i]["height"] for i in known], float)
     side, aspect = np.median(np.minimum(width, height)), np.median(width / height)
-    bands = [Image.getmodebands(headers[i]["mode"]) if headers[i]["mode"] != "P" else 3 for i in known]
-    bits = [BITS.get(headers[i]["mode"], 8) for i in known]
+    bands = [headers[i]["channels"] for i in known]
+    bits = [headers[i]["bits"] for i in known]
     channels_usual, bits_usual = Counter(bands).most_common(1)[0][0], Counter(bits).most_common(1)[0][0]
     found = []
     for k, i in enumerate(known):

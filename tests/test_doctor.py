@@ -11,7 +11,7 @@ from PIL import Image
 
 import medclf
 from medclf.cli import main
-from medclf.doctor import Images, header_outliers, warn
+from medclf.doctor import Images, dicom_header, header_outliers, image_header, warn
 
 from conftest import FAST_FLAGS, SHARED, make_image, make_split_folder, write_class_folders
 from htmlcheck import assert_self_contained, check_numbers, injected, needs_chromium, parse, render
@@ -118,11 +118,29 @@ def test_every_other_finding_on_planted_images(tmp_path):
 
 def test_header_outliers_use_the_most_common_mode_and_median_size():
     images = Images(["train"] * 5, [f"f{i}" for i in range(5)], np.zeros(5, np.int64), np.arange(5))
-    headers = [{"width": 100, "height": 100, "mode": "L"}] * 3 + [{"width": 100, "height": 100, "mode": "I;16"},
-                                                                  {"width": 40, "height": 100, "mode": "L"}]
+    gray = {"width": 100, "height": 100, "channels": 1, "bits": 8, "mode": "L"}
+    headers = [gray] * 3 + [{**gray, "bits": 16, "mode": "I;16"}, {**gray, "width": 40}]
     found = {(o["item"], o["check"]) for o in header_outliers(headers, images)}
     # 40×100: aspect 0.4 vs 1 (over 1.5×) and short side 40 vs 100 (over 2×)
     assert found == {("f3", "bit_depth"), ("f4", "aspect"), ("f4", "size")}
+
+
+def test_dicom_header_gives_size_channels_and_stored_bits(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = meta, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.set_pixel_data(np.zeros((20, 30), np.uint16), "MONOCHROME1", 12)
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    assert pydicom.dcmread(tmp_path / "x.dcm").BitsStored == 12
+    assert dicom_header((tmp_path / "x.dcm").read_bytes()) == {
+        "width": 30, "height": 20, "channels": 1, "bits": 12, "mode": "DICOM MONOCHROME1"}
+    assert dicom_header(b"not a dicom") is None and image_header(b"not an image") is None
 
 
 @pytest.mark.skipif(not PNEUMONIAMNIST.is_file(), reason="needs ../shared/datasets")
