@@ -394,15 +394,17 @@ def warn(findings: dict, limit: int = 5, data: str = "DATA") -> None:
         notice(f"... and {len(lines) - limit} more cross-split finding(s); see `medclf doctor {data}`")
 
 
-def doctor(data: str | os.PathLike, out: str | os.PathLike | None = "doctor", progress: bool = True) -> dict:
+def doctor(data: str | os.PathLike, out: str | os.PathLike | None = "doctor", progress: bool = True,
+           **source_options) -> dict:
     """Check DATA; write OUT/doctor.json and OUT/doctor.html (none when out is None) and return the findings.
-    Same as `medclf doctor DATA --out OUT`; `has_leakage(findings)` is what `--strict` fails on."""
+    Same as `medclf doctor DATA --out OUT`; `has_leakage(findings)` is what `--strict` fails on.
+    `source_options` go to `open_source` as they are (e.g. a label file's column names)."""
     import json
 
     from . import atomic
     from .reporting.doctor_page import write_page
 
-    source = open_source(data, val_fraction=0.0, test_fraction=0.0)
+    source = open_source(data, val_fraction=0.0, test_fraction=0.0, **source_options)
     findings, thumbs, images = examine(source, progress)
     if out is not None:
         folder = Path(out)
