@@ -12,6 +12,7 @@ size/aspect/channel/bit-depth outliers (from the original files' headers) and ne
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -72,13 +73,14 @@ def flatten(source: Source) -> Images:
 
 # ---------------------------------------------------------------- reading: hashes, headers, decoded thumbnails
 
-def _read_file(path: str) -> tuple[str | None, dict | None, str | None]:
+def _read_file(path: str, headers: bool = True) -> tuple[str | None, dict | None, str | None]:
     """(content hash, header or None, error) of one file, reading it once."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         return None, None, f"cannot read {path}: {exc.strerror or exc}"
-    return hashlib.sha256(data).hexdigest(), image_header(data) or dicom_header(data), None
+    header = (image_header(data) or dicom_header(data)) if headers else None
+    return hashlib.sha256(data).hexdigest(), header, None
 
 
 def image_header(data: bytes) -> dict | None:
@@ -116,15 +118,17 @@ def _npz_hashes(source: Source, split: Split) -> list[str]:
     return [hashlib.sha256(np.ascontiguousarray(row).tobytes()).hexdigest() for row in images]
 
 
-def read_files(source: Source, progress: bool = True) -> tuple[list[str | None], list[dict | None], dict[int, str]]:
-    """Content hash and header of every image (flattened order), and {flat index: reason} of files not readable."""
+def read_files(source: Source, progress: bool = True, headers: bool = True
+               ) -> tuple[list[str | None], list[dict | None], dict[int, str]]:
+    """Content hash and header (with `headers`) of every image (flattened order), and {flat index: reason} of
+    files not readable."""
     if source.kind == "npz":
         hashes = [h for split in source.splits.values() for h in _npz_hashes(source, split)]
         return hashes, [None] * len(hashes), {}
     paths = [p for split in source.splits.values() for p in split.paths]
     threads = min(8, (os.cpu_count() or 1) * 2)  # file reads and hashing release the GIL
     with ThreadPoolExecutor(threads) as pool:
-        results = list(tqdm(pool.map(_read_file, paths), total=len(paths), desc="doctor: read", unit="img",
+        results = list(tqdm(pool.map(functools.partial(_read_file, headers=headers), paths), total=len(paths), desc="doctor: read", unit="img",
                             leave=False, disable=not progress or len(paths) < 500))
     errors = {i: error for i, (_, _, error) in enumerate(results) if error}
     return [r[0] for r in results], [r[1] for r in results], errors
@@ -364,8 +368,7 @@ def summary(findings: dict, cross: dict, within: dict) -> dict:
             "duplicates_exact": within["exact"], "duplicates_near": within["near"],
             **{key: len(findings[key]) for key in ("group_overlap", "label_conflicts", "unreadable", "outliers",
                                                    "nearly_constant")},
-            "leakage": bool(findings["cross_split_duplicates"] or findings["group_overlap"]
-                            or findings["label_conflicts"])}
+            "leakage": has_leakage(findings)}
 
 
 def has_leakage(findings: dict) -> bool:
@@ -377,7 +380,7 @@ def has_leakage(findings: dict) -> bool:
 def brief(source: Source, progress: bool = False) -> dict:
     """The cheap check `train` runs first: exact duplicates across splits and groups in two splits."""
     images = flatten(source)
-    hashes, _, _ = read_files(source, progress)
+    hashes, _, _ = read_files(source, progress, headers=False)
     _, cross = exact_pairs(exact_groups(hashes), images)
     return {"checks": ["exact cross-split duplicates", "group overlap"], "method": {"exact": method(source)["exact"]},
             "cross_split_duplicates": pair_findings(cross, images, "exact")[1], "group_overlap": group_overlap(source)}
