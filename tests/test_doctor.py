@@ -207,3 +207,14 @@ def test_warnings_are_capped(capsys):
     warn({"cross_split_duplicates": [pair] * 9, "group_overlap": []}, limit=5, data="D")
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 6 and lines[-1].endswith("... and 4 more cross-split finding(s); see `medclf doctor D`")
+
+
+def test_hostile_class_and_file_names_are_text_on_the_page(tmp_path):
+    hostile = "<img src=x onerror=alert(1)>"
+    write_class_folders(tmp_path / "d" / "train", {hostile: 4, "b": 4}, size=32, seed=1)
+    write_class_folders(tmp_path / "d" / "test", {hostile: 2, "b": 2}, size=32, seed=2)
+    shutil.copy(tmp_path / f"d/train/{hostile}/{hostile}_0.png", tmp_path / "d/test/b/<script>x.png")
+    findings = medclf.doctor(tmp_path / "d", out=tmp_path / "out", progress=False)
+    assert len(findings["label_conflicts"]) == 1
+    text = (tmp_path / "out" / "doctor.html").read_text()
+    assert injected(text) == [] and "&lt;script&gt;x.png" in text and "&lt;img src=x onerror=alert(1)&gt;" in text
