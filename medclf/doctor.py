@@ -50,11 +50,11 @@ BITS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
 
 @dataclass
 class Images:
-    """Every image of every split, flattened: split name, id (path or npz row), label, index within its split."""
+    """Every image of every split, flattened: split name, id (path or npz row), label name, index within its split."""
 
     split: list[str]
     item: list[str]
-    label: np.ndarray
+    label: list[str | None]  # the class; multi-label: the present labels joined by "|"; None where unknown
     index: np.ndarray
 
     def ref(self, i: int) -> dict:
@@ -66,9 +66,16 @@ def flatten(source: Source) -> Images:
     for name, split in source.splits.items():
         names += [name] * len(split)
         items += split.ids
-        labels.append(split.labels)
+        labels += label_names(split.labels, source.classes)
         index.append(np.arange(len(split)))
-    return Images(names, items, np.concatenate(labels), np.concatenate(index))
+    return Images(names, items, labels, np.concatenate(index))
+
+
+def label_names(labels: np.ndarray, classes: list[str]) -> list[str | None]:
+    """Each image's label as text: its class (None for -1), or for N×L 0/1 labels the present ones joined by "|"."""
+    if labels.ndim == 2:
+        return ["|".join(c for c, on in zip(classes, row) if on == 1) for row in labels.tolist()]
+    return [classes[k] if k >= 0 else None for k in labels.tolist()]
 
 
 # ---------------------------------------------------------------- reading: hashes, headers, decoded thumbnails
@@ -259,26 +266,23 @@ def group_overlap(source: Source) -> list[dict]:
             for g, counts in sorted(per_group.items()) if len(counts) > 1]
 
 
-def label_conflicts(groups: list[list[int]], images: Images, classes: list[str]) -> list[dict]:
+def label_conflicts(groups: list[list[int]], images: Images) -> list[dict]:
     """Exact duplicates that carry different labels."""
     found = []
     for members in groups:
-        known = {int(images.label[i]) for i in members if images.label[i] >= 0}
+        known = {images.label[i] for i in members if images.label[i] is not None}
         if len(known) > 1:
-            found.append({"labels": [classes[k] for k in sorted(known)],
-                          "items": [{**images.ref(i), "label": _label(images.label[i], classes)} for i in members]})
+            found.append({"labels": sorted(known),
+                          "items": [{**images.ref(i), "label": images.label[i]} for i in members]})
     return found
-
-
-def _label(label: int, classes: list[str]) -> str | None:
-    return classes[label] if label >= 0 else None
 
 
 def class_counts(source: Source) -> tuple[dict, dict]:
     """({split: {class: images}}, {split: largest / smallest class count, None with a class absent})."""
     counts, imbalance = {}, {}
     for name, split in source.splits.items():
-        per_class = np.bincount(split.labels[split.labels >= 0], minlength=len(source.classes))
+        per_class = (split.labels.clip(0, 1).sum(0) if split.labels.ndim == 2  # multi-label: positives per label
+                     else np.bincount(split.labels[split.labels >= 0], minlength=len(source.classes)))
         counts[name] = {c: int(n) for c, n in zip(source.classes, per_class)}
         imbalance[name] = round(float(per_class.max() / per_class.min()), 3) if per_class.min() > 0 else None
     return counts, imbalance
@@ -337,7 +341,7 @@ def examine(source: Source, progress: bool = True) -> tuple[dict, np.ndarray, Im
         "duplicates": exact_within + near_within[:MAX_PAIRS],
         "group_overlap": group_overlap(source),
         "groups_known": any(g is not None for g in split_groups(source).values()),
-        "label_conflicts": label_conflicts(groups, images, source.classes),
+        "label_conflicts": label_conflicts(groups, images),
         "unreadable": [{**images.ref(i), "reason": reason} for i, reason in sorted(unreadable.items())],
         "counts": counts, "imbalance": imbalance,
         "outliers": header_outliers(headers, images),

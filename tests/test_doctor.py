@@ -117,7 +117,7 @@ def test_every_other_finding_on_planted_images(tmp_path):
 
 
 def test_header_outliers_use_the_most_common_mode_and_median_size():
-    images = Images(["train"] * 5, [f"f{i}" for i in range(5)], np.zeros(5, np.int64), np.arange(5))
+    images = Images(["train"] * 5, [f"f{i}" for i in range(5)], ["a"] * 5, np.arange(5))
     gray = {"width": 100, "height": 100, "channels": 1, "bits": 8, "mode": "L"}
     headers = [gray] * 3 + [{**gray, "bits": 16, "mode": "I;16"}, {**gray, "width": 40}]
     found = {(o["item"], o["check"]) for o in header_outliers(headers, images)}
@@ -218,3 +218,23 @@ def test_hostile_class_and_file_names_are_text_on_the_page(tmp_path):
     assert len(findings["label_conflicts"]) == 1
     text = (tmp_path / "out" / "doctor.html").read_text()
     assert injected(text) == [] and "&lt;script&gt;x.png" in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+
+
+def test_multi_label_data_counts_positives_and_compares_label_sets(tmp_path):
+    """N×L 0/1 labels (as the multi-label branch gives them): counts are positives per label, and the same image
+    with another label set is a conflict."""
+    from medclf.data.sources import Source, Split
+    from medclf.doctor import examine
+
+    rng = np.random.default_rng(0)
+    train = np.stack([make_image(i % 2, 16, rng) for i in range(6)])
+    val = np.stack([train[0], make_image(1, 16, rng)])
+    np.savez(tmp_path / "ml.npz", train_images=train, val_images=val)
+    labels = {"train": np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 1], [0, 0, 0]]),
+              "val": np.array([[1, 1, 0], [0, 0, 1]])}
+    source = Source("ml", "npz", tmp_path / "ml.npz", ["x", "y", "z"],
+                    {s: Split(labels=v, npz_key=s, rows=np.arange(len(v))) for s, v in labels.items()})
+    findings, _, _ = examine(source, progress=False)
+    assert findings["counts"] == {"train": {"x": 3, "y": 2, "z": 2}, "val": {"x": 1, "y": 1, "z": 1}}
+    assert findings["label_conflicts"] == [{"labels": ["x", "x|y"], "items": [
+        {"split": "train", "item": "0", "label": "x"}, {"split": "val", "item": "0", "label": "x|y"}]}]
