@@ -1,6 +1,7 @@
 """medclf: from a labelled set of medical images to a trained, evaluated, explained classifier."""
 from .comparison import compare
 from .config import TrainConfig
+from .doctor import doctor
 from .errors import MedclfError
 from .evaluation import evaluate, predict
 from .explanation import explain
@@ -9,4 +10,4 @@ from .reporting.run_report import report
 from .training import train
 
 __version__ = "0.1.0"
-__all__ = ["train", "plan", "evaluate", "predict", "compare", "report", "explain", "TrainConfig", "MedclfError", "__version__"]
+__all__ = ["train", "plan", "doctor", "evaluate", "predict", "compare", "report", "explain", "TrainConfig", "MedclfError", "__version__"]

@@ -10,6 +10,9 @@ from .config import CHOICES, TrainConfig
 from .errors import MedclfError
 
 
+FINDINGS_EXIT = 1  # `doctor --strict` found leakage; 2 stays "bad input"
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -158,6 +161,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="target", metavar="CLASS", help="explain this class instead of the prediction")
     add_inference_flags(p)
 
+    p = sub.add_parser("doctor", help="check DATA for duplicates, leakage across splits, label conflicts, odd images")
+    p.add_argument("data", help="folder, .csv/.tsv label file, .npz, or dataset name (see `medclf datasets`)")
+    p.add_argument("--out", default="doctor", help="folder for doctor.json and doctor.html (default doctor/)")
+    p.add_argument("--strict", action="store_true",
+                   help=f"exit {FINDINGS_EXIT} when images or patients cross splits or an image has two labels")
+    add_data_flags(p)
+
     sub.add_parser("datasets", help="the named public datasets and whether each is cached")
 
     p = sub.add_parser("cache", help="list, clear or prune the decoded-image cache")
@@ -198,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
                               skip_bad=args.skip_bad)
         for row in rows:
             print(f"{row['path']}: {row['prediction']} {row['probability']:.3f} → {row['gradcam']}")
+    elif args.command == "doctor":
+        return doctor_command(args.data, args.out, args.strict, data_flags(args))
     elif args.command == "datasets":
         from .data.named import available, data_home
 
@@ -210,6 +222,17 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "cache":
         cache_command(args.action, args.cache_dir, args.max_size)
     return 0
+
+
+def doctor_command(data: str, out: str, strict: bool, options: dict) -> int:
+    """`medclf doctor`: a summary line per finding; exit FINDINGS_EXIT under --strict when leakage is found."""
+    from .doctor import doctor, has_leakage, summary_lines
+
+    findings = doctor(data, out=out, **options)
+    for line in summary_lines(findings):
+        print(line)
+    print(f"doctor → {out}/doctor.html, {out}/doctor.json")
+    return FINDINGS_EXIT if strict and has_leakage(findings) else 0
 
 
 def cache_command(action: str, cache_dir: str | None, max_size_gb: float | None) -> None:

@@ -215,6 +215,7 @@ def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool
     runtime.seed_everything(cfg.seed)
     with _disk_full_is_one_line(cache_root(cfg.cache_dir)):
         source, stores, spec, skipped = load_data(cfg, base, source, facts)
+    checked = None if resume else brief_doctor(source, str(cfg.data), progress)
     spec["weights"] = "none" if base is None and cfg.weights != "imagenet" else cfg.weights
     device = runtime.pick_device(cfg.device)
     precision = runtime.pick_precision(cfg.precision, device)
@@ -238,10 +239,10 @@ def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool
            "balance": balance}
     if cfg.folds >= 2:
         if not resume:
-            _write_run_files(out, resolved, the_plan, split_files, skipped)
+            _write_run_files(out, resolved, the_plan, split_files, skipped, checked)
         return crossval.train_folds(cfg, source, stores, spec, base, env, out, resolved)
     if not resume:
-        _write_run_files(out, resolved, the_plan, split_files, skipped)
+        _write_run_files(out, resolved, the_plan, split_files, skipped, checked)
     print(f"medclf: {len(stores['train'])} train / {len(stores['val'])} val images, {spec['num_classes']} classes, "
           f"{spec['arch']} ({spec['stem']} stem, {spec['input_size']} px, {spec['in_chans']} ch) on "
           f"{runtime.describe(device, precision, channels_last)} → {out}")
@@ -366,8 +367,20 @@ def _early_end(cfg: TrainConfig, history: list[dict], bad_epochs: int, n_val: in
     return f"{reason}; schedule finished over {sched.last_step + 1 - taken} more step(s)", False
 
 
-def _write_run_files(out: Path, resolved: dict, the_plan: dict | None, split_files: tuple, skipped: list[str]) -> None:
+def brief_doctor(source: sources.Source, data: str, progress: bool) -> dict:
+    """`medclf doctor`'s cheap checks (exact duplicates across splits, patients in two splits): warnings only."""
+    from .doctor import brief, warn  # the module, not the medclf.doctor function of the same name
+
+    checked = brief(source, progress)
+    warn(checked, data=data)
+    return checked
+
+
+def _write_run_files(out: Path, resolved: dict, the_plan: dict | None, split_files: tuple, skipped: list[str],
+                     checked: dict | None = None) -> None:
     save_yaml(resolved, out / "config.yaml")
+    if checked is not None:
+        atomic.write_text(out / "doctor.json", json.dumps(checked, indent=2))
     if the_plan is not None:
         save_plan(the_plan, out / "plan.yaml")
         atomic.write_text(out / "fingerprint.json", json.dumps(plain(the_plan["fingerprint"]), indent=2))

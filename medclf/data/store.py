@@ -229,7 +229,8 @@ def build_store(source: Source, split_name: str, size: int, channels: int, skip_
 def _store(images: np.ndarray | torch.Tensor, split: Split, keep: np.ndarray) -> Store:
     if isinstance(images, np.ndarray) and not isinstance(images, np.memmap):
         images = torch.from_numpy(images)
-    return Store(images, torch.from_numpy(split.labels[keep]), [split.ids[i] for i in keep])
+    ids = split.ids  # a property that builds the whole list: once, not once per image
+    return Store(images, torch.from_numpy(split.labels[keep]), [ids[i] for i in keep])
 
 
 def _cache_hit(folder: Path, split: Split, skip_bad: bool) -> tuple[Store, list[str]] | None:
