@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -194,3 +195,17 @@ def test_compare_fixes_a_label_files_split_as_a_label_file_keeping_groups(tmp_pa
     for name, split in original.splits.items():
         assert [str(Path(p).resolve()) for p in split.paths] == fixed.splits[name].paths
         assert split.groups == fixed.splits[name].groups
+
+
+def test_doctor_reads_a_label_file_with_its_columns_and_finds_a_patient_in_two_splits(tmp_path, capsys):
+    """`medclf doctor` takes the label-file flags: the named group column puts patient N0 in train and test."""
+    rows = image_rows(tmp_path)
+    table_rows = [{"File": r["path"], "Dx": r["label"], "Who": r["patient"],
+                   "Set": "test" if r["path"].endswith("NORMAL_0.png") else "train"} for r in rows]
+    table = write_table(tmp_path / "labels.csv", table_rows)
+    argv = ["doctor", str(table), "--out", str(tmp_path / "doc"), "--path-col", "File", "--label-col", "Dx",
+            "--group-col", "Who", "--split-col", "Set", "--strict"]
+    assert main(argv) == 1
+    report = json.loads((tmp_path / "doc" / "doctor.json").read_text())
+    assert [g["group"] for g in report["group_overlap"]] == ["N0"]
+    assert sorted(report["group_overlap"][0]["splits"]) == ["test", "train"]
