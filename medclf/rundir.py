@@ -22,7 +22,8 @@ from .errors import MedclfError
 MARKER = "config.yaml"
 RUN_FILES = frozenset({
     MARKER, "plan.yaml", "fingerprint.json", "splits.csv", "skipped.txt", "history.csv", "model.pt", "last.pt",
-    "last.pt.tmp", "metrics.json", "curves.png", "confusion_matrix.png", "roc.png", "report.html", "oof.csv"})
+    "last.pt.tmp", "metrics.json", "curves.png", "confusion_matrix.png", "roc.png", "report.html", "oof.csv",
+    "model_card.md"})
 RUN_FOLDERS = re.compile(r"fold-\d+|refit")  # cross-validation's sub-runs (medclf/crossval.py): run files only
 
 

@@ -37,6 +37,7 @@ def report(run: str | Path, data: str | None = None, out: str | Path | None = No
     run = Path(run)
     if not (run / "model.pt").is_file():
         raise MedclfError(f"not a run directory (no model.pt): {run}")
+    stores_given = stores
     config = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
     same_device = str(runtime.pick_device(device)) == str(config.get("device"))
     loaded = inference.load_for_inference(run / "model.pt", device,
@@ -88,6 +89,10 @@ def report(run: str | Path, data: str | None = None, out: str | Path | None = No
                 f"data {H.esc(data)}")
     path = Path(out) if out else run / "report.html"
     H.write(path, H.page(f"medclf report: {run.name}", subtitle, sections))
+    if stores_given is None and (run / "metrics.json").is_file():  # `medclf report RUN`: the card follows the code
+        from ..model_card import write_model_card
+
+        write_model_card(run)
     return str(path)
 
 
@@ -417,7 +422,10 @@ def _config(run: Path) -> str:
 
 def write_run_outputs(out: Path, results: dict, curves: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
                       stores: dict[str, Store], device: str) -> None:
-    """The run's plots and report.html, after metrics.json: a failure here costs that file, never the run."""
+    """The run's model card, plots and report.html, after metrics.json: a failure here costs that file, never the run."""
+    from ..model_card import write_model_card
+
+    write_model_card(out)
     shown = next(split for split in ("test", "val", "oof") if split in results and split in curves)
     problems = figures.save_run_plots(out, out / "history.csv", results[shown]["confusion_matrix"], classes,
                                       *curves[shown], split=shown)
