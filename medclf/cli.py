@@ -114,7 +114,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="treat INPUT as DATA and predict this split")
     p.add_argument("--out", default="predictions.csv")
     p.add_argument("--tta", action="store_true")
+    p.add_argument("--engine", choices=["torch", "onnx", "auto"], default="torch",
+                   help="torch (default); onnx: ONNX Runtime on the model's ONNX export (made on first use); "
+                        "auto: onnx when ONNX Runtime is installed and the device is the CPU")
     add_inference_flags(p)
+
+    p = sub.add_parser("export", help="the model as ONNX or TorchScript plus manifest.json, for use without medclf")
+    p.add_argument("model", metavar="RUN_OR_MODEL")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", help="folder for the model file and manifest.json (default: RUN-export beside the run)")
+    p.add_argument("--quantize", choices=["int8"], help="also write an int8 ONNX model (ONNX Runtime static "
+                                                         "quantization calibrated on training images)")
+    p.add_argument("--data", help="the run's DATA, where it moved since training (for --quantize)")
 
     p = sub.add_parser("compare", help="train arms × seeds on DATA and compare them on the same images")
     p.add_argument("data", help="folder, .npz, or dataset name")
@@ -162,8 +173,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     elif args.command == "predict":
         rows = medclf.predict(args.model, args.inputs, split=args.split, out=args.out, tta=args.tta,
-                              device=args.device, skip_bad=args.skip_bad)
+                              device=args.device, skip_bad=args.skip_bad, engine=args.engine)
         print(f"{len(rows)} prediction(s) → {args.out}")
+    elif args.command == "export":
+        export_command(args)
     elif args.command == "compare":
         flags = {k: v for k, v in vars(args).items() if k not in ("command", "data", "weights", "arms", "seeds", "force", "out")}
         medclf.compare(args.data, weights=args.weights, arms=args.arms, seeds=args.seeds, out=args.out,
@@ -187,6 +200,20 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "cache":
         cache_command(args.action, args.cache_dir, args.max_size)
     return 0
+
+
+def export_command(args: argparse.Namespace) -> None:
+    import medclf
+
+    manifest = medclf.export(args.model, format=args.format, out=args.out, quantize=args.quantize, data=args.data)
+    folder = manifest["folder"]
+    print(f"{manifest['files']['format']} model → {folder}/{manifest['files']['model']} (manifest.json beside it)")
+    report = manifest.get("quantization")
+    if report:
+        change = report["change"]
+        print(f"int8 → {folder}/{manifest['files']['int8']}: validation accuracy {change['accuracy']:+.4f}, "
+              f"AUC {change['auc']:+.4f}, {report['speedup']:.2f}× the fp32 speed; "
+              f"{'recommended' if report['within_tolerance'] else 'not recommended (outside the tolerance)'}")
 
 
 def cache_command(action: str, cache_dir: str | None, max_size_gb: float | None) -> None:
