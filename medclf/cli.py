@@ -149,6 +149,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("datasets", help="the named public datasets and whether each is cached")
 
+    p = sub.add_parser("serve", help="the model as an HTTP API with a web page (FastAPI + uvicorn)")
+    p.add_argument("model", metavar="RUN_OR_MODEL", help="run directory or model.pt")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
+    p.add_argument("--max-pixels", type=int, default=50_000_000, help="largest image in pixels (default 50000000)")
+    p.add_argument("--queue", type=int, default=256, help="images queued before requests get 503 (default 256)")
+
     p = sub.add_parser("cache", help="list, clear or prune the decoded-image cache")
     p.add_argument("action", nargs="?", choices=("list", "clear", "prune"), default="list")
     p.add_argument("--max-size", type=float, metavar="GB", help="prune: evict least recently used stores down to GB")
@@ -199,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{row['name']:<22} {row['classes']:>3} classes  {'cached' if row['cached'] else '-':<7} {row['task']}")
     elif args.command == "cache":
         cache_command(args.action, args.cache_dir, args.max_size)
+    elif args.command == "serve":
+        serve_command(args)
     return 0
 
 
@@ -239,6 +250,18 @@ def cache_command(action: str, cache_dir: str | None, max_size_gb: float | None)
         removed, freed = cache.prune(root, int(max_size_gb * 1e9))
     print(f"removed {removed} store(s), freed {cache.human_bytes(freed)}; "
           f"{cache.human_bytes(cache.total_bytes(root))} left in {root}")
+
+
+def serve_command(args: argparse.Namespace) -> None:
+    """`medclf serve`: the limits checked here so a bad flag is one line, not a server that refuses everything."""
+    if not 0 < args.max_upload_mb <= 4096 or args.max_pixels < 1 or args.queue < 1 or not 0 <= args.port <= 65535:
+        raise MedclfError("serve: --max-upload-mb must be in (0, 4096], --max-pixels and --queue at least 1, "
+                          "--port in 0..65535")
+    from .serving import Limits, serve
+
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=args.max_pixels,
+                    queue_images=args.queue)
+    serve(args.model, host=args.host, port=args.port, device=args.device, limits=limits)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,22 @@ def write_model_card(run: str | Path) -> Path:
     return path
 
 
+INTENDED_USE = ("Research and education: sorting images like the training data's into its classes. Not a "
+                "medical device: not validated for diagnosis; any clinical reading stays with a clinician.")
+
+
+def card_headline(run: Path | None) -> dict:
+    """What a page or API shows next to predictions: the intended use and metrics.json's headline numbers."""
+    metrics = _json(run / "metrics.json") if run is not None else {}
+    est = metrics.get("estimate") or {}
+    splits = {split: {"n": metrics[split].get("n"), **{m: metrics[split].get(m) for m in HEADLINE}}
+              for split in ("val", "oof", "test") if split in metrics}
+    return {"intended_use": INTENDED_USE, "card": str(run / CARD) if run is not None and (run / CARD).is_file() else None,
+            "estimate": {"method": est.get("method"), "n": est.get("n"),
+                         **{m: est[m] for m in HEADLINE if m in est}} if est else None,
+            "splits": splits, "warnings": est.get("warnings", [])}
+
+
 def model_card_text(run: Path) -> str:
     metrics = _json(run / "metrics.json")
     config = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
