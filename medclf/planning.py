@@ -481,7 +481,9 @@ def plan(data: str, time_budget: float | None = None, out: str | None = None, we
          device: str = "auto", seed: int = 0, do_probe: bool = True, verbose: bool = True, **fixed: Any) -> dict[str, Any]:
     """Fingerprint DATA and plan its training; `out` saves the plan as YAML. Same as `medclf plan`."""
     check_settings(time_budget=time_budget, seed=seed, **fixed)
-    source = sources.open_source(data, seed=seed)
+    options = sources.data_options(fixed)
+    fixed = {k: v for k, v in fixed.items() if k not in sources.DATA_OPTIONS}
+    source = sources.open_source(data, seed=seed, **options)
     if "train" not in source.splits:
         raise MedclfError(f"{data} has no train split")
     sources.ensure_val_split(source, TrainConfig().val_fraction, seed)
