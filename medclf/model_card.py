@@ -181,18 +181,33 @@ def _intended_use(classes: list[str], fingerprint: dict) -> str:
 
 
 def _factors(fingerprint: dict, run: Path) -> str:
-    groups = fingerprint.get("groups") or fingerprint.get("patients")
-    grouping = (f"Images are grouped by patient/study ({groups if not isinstance(groups, dict) else json.dumps(groups)})"
-                "; splits keep a patient's images together." if groups else
-                "medclf was given no patient or study identifiers for this data, so it could not keep one patient's "
-                "images out of both training and evaluation: if patients have several images, the metrics may be "
-                "optimistic.")
+    groups = split_groups(run)
+    if groups:
+        per_split = ", ".join(f"{split} {len(g)}" for split, g in groups.items())
+        grouping = (f"images were grouped by patient/study ({sum(len(g) for g in groups.values())} groups: "
+                    f"{per_split}); a group's images all stay in one split.")
+    else:
+        grouping = ("medclf was given no patient or study identifiers for this data, so it could not keep one "
+                    "patient's images out of both training and evaluation: if patients have several images, the "
+                    "metrics may be optimistic.")
     return ("## Factors\n\n"
             "- **Relevant factors** that can change performance and that medclf does not know: patient age and sex, "
             "disease severity, acquisition device and site, view/projection, image post-processing.\n"
             "- **Evaluation factors**: the only factor evaluated separately is the class (sensitivity and "
             "specificity per class below).\n"
             f"- **Groups**: {grouping}\n")
+
+
+def split_groups(run: Path) -> dict[str, set[str]]:
+    """The patients/studies of each split, from splits.csv's group column (empty where none were known)."""
+    path = run / "splits.csv"
+    groups: dict[str, set[str]] = {}
+    if path.is_file():
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("group"):
+                    groups.setdefault(row["split"], set()).add(row["group"])
+    return groups
 
 
 def _metrics_section(metrics: dict) -> str:
