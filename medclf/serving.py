@@ -211,7 +211,9 @@ def _check_pixel_count(name: str, data: bytes, max_pixels: int) -> None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except Image.DecompressionBombError as exc:  # PIL's own refusal, far above any limit medclf sets
+        raise HTTPException(413, f"{name}: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return  # not a PIL image: decode_image reports it (or decodes DICOM)
     if width * height > max_pixels:
         raise HTTPException(413, f"{name}: {width}×{height} pixels is more than the {max_pixels} allowed")
