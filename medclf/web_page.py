@@ -70,6 +70,8 @@ async function analyse(file) {
   const note = result.threshold === null ? 'highest probability' :
     'threshold ' + result.threshold.toFixed(3) + ' on P(' + Object.keys(result.probabilities)[1] + '), chosen on validation';
   info.appendChild(el('p', 'muted', note));
+  if (result.prediction !== result.decision)
+    info.appendChild(el('p', 'muted', 'Highest probability: ' + result.prediction + ' (the decision uses the threshold)'));
   for (const [name, p] of Object.entries(result.probabilities)) {
     const bar = el('div', 'bar'); bar.appendChild(el('span', 'class', name));
     const track = el('div', 'track'), fill = el('div', 'fill'); fill.style.width = (100 * p).toFixed(1) + '%';
