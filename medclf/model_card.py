@@ -259,23 +259,23 @@ def _training_data(run: Path, config: dict, fingerprint: dict, classes: list[str
     return text + _doctor(run)
 
 
+DOCTOR_FINDINGS = {"cross_split_duplicates": "image(s) duplicated across splits (leakage)",
+                   "group_overlap": "patient(s)/group(s) with images in two splits (leakage)",
+                   "label_conflicts": "image(s) under two labels", "duplicates": "duplicate(s) within a split",
+                   "unreadable": "unreadable image(s)", "outliers": "image(s) with unusual headers",
+                   "nearly_constant": "nearly blank image(s)"}
+
+
 def _doctor(run: Path) -> str:
-    """The findings of `medclf doctor` (doctor.json) when the run holds them."""
+    """The findings of `medclf doctor` (doctor.json: train's brief check or the full one) when the run holds them."""
     report = _json(run / "doctor.json")
     if not report:
         return ""
-    findings = report.get("findings", report) if isinstance(report, dict) else report
-    if isinstance(findings, dict):
-        findings = [{"check": k, **(v if isinstance(v, dict) else {"message": v})} for k, v in findings.items()]
-    lines = []
-    for item in findings if isinstance(findings, list) else []:
-        if isinstance(item, dict):
-            level = item.get("severity") or item.get("level") or ""
-            message = item.get("message") or item.get("summary") or item.get("check") or json.dumps(item)
-            lines.append(f"- {level + ': ' if level else ''}{_cell(message)}")
-        else:
-            lines.append(f"- {_cell(item)}")
-    return "\nData checks (`medclf doctor`, doctor.json):\n\n" + ("\n".join(lines) or "- no findings") + "\n"
+    checked = report.get("checks") or ["all `medclf doctor` checks"]
+    lines = [f"- {len(report[key])} {words}" for key, words in DOCTOR_FINDINGS.items()
+             if isinstance(report.get(key), list)]
+    return (f"\nData checks (`medclf doctor`, doctor.json; checked: {', '.join(checked)}):\n\n"
+            + "\n".join(lines or ["- no findings recorded"]) + "\n")
 
 
 def _evaluation_data(metrics: dict, fingerprint: dict) -> str:

@@ -112,3 +112,19 @@ def test_crossval_run_card_quotes_out_of_fold(tmp_path):
     check_split(card, f"### Out-of-fold (cross-validation) ({metrics['oof']['n']} images)", metrics["oof"])
     check_split(card, f"### Test ({metrics['test']['n']} images)", metrics["test"])
     assert re.search(r"method: out-of-fold, K=2", card)
+
+
+def test_card_lists_doctor_findings(single_run, tmp_path):
+    import shutil
+
+    from medclf.model_card import write_model_card
+
+    run = tmp_path / "run"
+    shutil.copytree(single_run, run)
+    pair = {"a": {"item": "x.png", "split": "train"}, "b": {"item": "y.png", "split": "test"}}
+    (run / "doctor.json").write_text(json.dumps({"checks": ["exact cross-split duplicates", "group overlap"],
+                                                 "cross_split_duplicates": [pair], "group_overlap": []}))
+    card = write_model_card(run).read_text()
+    assert "checked: exact cross-split duplicates, group overlap" in card
+    assert "- 1 image(s) duplicated across splits (leakage)" in card
+    assert "- 0 patient(s)/group(s) with images in two splits (leakage)" in card

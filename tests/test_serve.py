@@ -17,16 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from conftest import make_split_folder
+from dicomfiles import write_kind
 from htmlcheck import REQUIRED
+from medclf import serving
 from medclf.cli import main
-
-pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-
-from medclf import serving  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,9 +89,8 @@ def test_predict_jpeg_and_several_images(client, images):
 
 
 def test_predict_dicom(client, run, tmp_path):
-    dicomfiles = pytest.importorskip("dicomfiles")  # DICOM decoding: branch csvdicom
     gray = np.asarray(Image.open(run.parent / "xray" / "test" / "NORMAL" / "NORMAL_1.png"))
-    path = dicomfiles.write_kind(tmp_path / "scan.dcm", gray, "mono12")
+    path = write_kind(tmp_path / "scan.dcm", gray, "mono12")
     as_dicom = client.post("/predict", files=upload("scan.dcm", path.read_bytes(), "application/dicom")).json()
     png = io.BytesIO()
     Image.fromarray(gray).save(png, format="PNG")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -383,12 +382,9 @@ def _out_of_fold_mistakes(e: dict, wrong: np.ndarray, pred: np.ndarray, classes:
 
 
 def _dataset(run: Path, ckpt: dict, store: Store | None, classes: list[str], shown: str) -> str:
-    counts: dict[str, Counter] = {}
-    path = run / "splits.csv"
-    if path.is_file():
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                counts.setdefault(row["split"], Counter())[row["label"]] += 1
+    from ..model_card import split_counts
+
+    counts = split_counts(run, {})
     html = ""
     if counts:
         names = list(counts)
