@@ -65,6 +65,8 @@ class Batcher:
     limits: Limits
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     pending: int = 0  # images queued or running
+    batches: int = 0  # forward passes run for /predict, and the images they held
+    batched_images: int = 0
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="medclf"))
 
     async def submit(self, kind: str, images: torch.Tensor, target: int | None = None) -> Any:
@@ -99,8 +101,9 @@ class Batcher:
                 continue
             try:
                 if job.kind == "predict":
-                    probs = await loop.run_in_executor(self.executor, self.predict,
-                                                       torch.cat([j.images for j in batch]))
+                    images = torch.cat([j.images for j in batch])
+                    probs = await loop.run_in_executor(self.executor, self.predict, images)
+                    self.batches, self.batched_images = self.batches + 1, self.batched_images + len(images)
                     start = 0
                     for j in batch:
                         _resolve(j.future, probs[start:start + len(j.images)])
@@ -303,7 +306,8 @@ def create_app(run_or_model: str | Path, device: str = "auto", limits: Limits | 
     @app.get("/health", summary="Liveness and queue length")
     async def health() -> dict:
         return {"status": "ok", "queued_images": batcher.pending, "queue_limit": limits.queue_images,
-                "device": str(loaded.device)}
+                "device": str(loaded.device), "predict_batches": batcher.batches,
+                "predicted_images": batcher.batched_images}
 
     @app.get("/model", summary="The model's manifest and its model card headline")
     async def model() -> dict:

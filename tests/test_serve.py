@@ -153,7 +153,9 @@ def test_decompression_bomb_is_refused_before_decoding(client, side, says):
     assert says in detail
 
 
-def test_queue_full_gets_503(run, images, monkeypatch):
+@pytest.fixture
+def blocked_worker(monkeypatch):
+    """The worker's forward pass waits for `release`; `started` is set when the first one begins."""
     release, started = threading.Event(), threading.Event()
     real = serving.Batcher.predict
 
@@ -163,6 +165,29 @@ def test_queue_full_gets_503(run, images, monkeypatch):
         return real(self, batch)
 
     monkeypatch.setattr(serving.Batcher, "predict", slow)
+    yield release, started
+    release.set()
+
+
+def test_waiting_requests_run_as_one_batch(run, images, blocked_worker):
+    release, started = blocked_worker
+    app = serving.create_app(run, device="cpu", limits=serving.Limits(queue_images=10))
+    with TestClient(app) as c, ThreadPoolExecutor(3) as pool:
+        first = pool.submit(c.post, "/predict", files=upload("a.png", images["png"]))
+        assert started.wait(30)
+        waiting = [pool.submit(c.post, "/predict", files=upload(f"{i}.png", images["png"]) * 2) for i in range(2)]
+        for _ in range(300):  # until both are queued behind the running one
+            if app.state.batcher.pending == 5:
+                break
+            time.sleep(0.05)
+        release.set()
+        assert [r.result(30).status_code for r in (first, *waiting)] == [200] * 3
+        health = c.get("/health").json()
+    assert health["predict_batches"] == 2 and health["predicted_images"] == 5  # the 2 waiting requests: 1 batch
+
+
+def test_queue_full_gets_503(run, images, blocked_worker):
+    release, started = blocked_worker
     app = serving.create_app(run, device="cpu", limits=serving.Limits(queue_images=1))
     with TestClient(app) as c, ThreadPoolExecutor(1) as pool:
         first = pool.submit(c.post, "/predict", files=upload("a.png", images["png"]))
