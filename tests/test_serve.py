@@ -218,6 +218,15 @@ def test_page_states_intended_use_and_metrics_without_network(client, run):
     assert "http://" not in page and "https://" not in page  # no CDN: the page works offline
 
 
+def test_serve_binds_localhost_by_default():
+    import inspect
+
+    from medclf.cli import get_args_parser
+
+    assert get_args_parser().parse_args(["serve", "run"]).host == "127.0.0.1"
+    assert inspect.signature(serving.serve).parameters["host"].default == "127.0.0.1"
+
+
 def test_serve_cli_bad_input_is_one_line(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 2
     assert main(["serve", str(tmp_path), "--queue", "0"]) == 2
