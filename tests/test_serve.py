@@ -1,6 +1,7 @@
 """`medclf serve`: the API through FastAPI's TestClient, a real uvicorn process under load, the page in Chromium."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -169,12 +170,19 @@ def blocked_worker(monkeypatch):
     release.set()
 
 
-def test_waiting_requests_run_as_one_batch(run, images, blocked_worker):
-    release, started = blocked_worker
-    app = serving.create_app(run, device="cpu", limits=serving.Limits(queue_images=10))
-    with TestClient(app) as c, ThreadPoolExecutor(3) as pool:
+@contextlib.contextmanager
+def first_request_running(run, images, started: threading.Event, queue_images: int, clients: int):
+    """A service whose first /predict request is running (held by `blocked_worker`): (app, client, pool, future)."""
+    app = serving.create_app(run, device="cpu", limits=serving.Limits(queue_images=queue_images))
+    with TestClient(app) as c, ThreadPoolExecutor(clients) as pool:
         first = pool.submit(c.post, "/predict", files=upload("a.png", images["png"]))
         assert started.wait(30)
+        yield app, c, pool, first
+
+
+def test_waiting_requests_run_as_one_batch(run, images, blocked_worker):
+    release, started = blocked_worker
+    with first_request_running(run, images, started, queue_images=10, clients=3) as (app, c, pool, first):
         waiting = [pool.submit(c.post, "/predict", files=upload(f"{i}.png", images["png"]) * 2) for i in range(2)]
         for _ in range(300):  # until both are queued behind the running one
             if app.state.batcher.pending == 5:
@@ -188,10 +196,7 @@ def test_waiting_requests_run_as_one_batch(run, images, blocked_worker):
 
 def test_queue_full_gets_503(run, images, blocked_worker):
     release, started = blocked_worker
-    app = serving.create_app(run, device="cpu", limits=serving.Limits(queue_images=1))
-    with TestClient(app) as c, ThreadPoolExecutor(1) as pool:
-        first = pool.submit(c.post, "/predict", files=upload("a.png", images["png"]))
-        assert started.wait(30)
+    with first_request_running(run, images, started, queue_images=1, clients=1) as (_, c, _, first):
         detail = one_line_error(c.post("/predict", files=upload("b.png", images["png"])), 503)
         assert "busy" in detail
         release.set()
