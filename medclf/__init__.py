@@ -5,9 +5,10 @@ from .doctor import doctor
 from .errors import MedclfError
 from .evaluation import evaluate, predict
 from .explanation import explain
+from .exporting import export
 from .planning import plan
 from .reporting.run_report import report
 from .training import train
 
 __version__ = "0.1.0"
-__all__ = ["train", "plan", "doctor", "evaluate", "predict", "compare", "report", "explain", "TrainConfig", "MedclfError", "__version__"]
+__all__ = ["train", "plan", "doctor", "evaluate", "predict", "compare", "report", "explain", "export", "TrainConfig", "MedclfError", "__version__"]

@@ -139,7 +139,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="treat INPUT as DATA and predict this split")
     p.add_argument("--out", default="predictions.csv")
     p.add_argument("--tta", action="store_true")
+    p.add_argument("--engine", choices=["torch", "onnx", "auto"], default="torch",
+                   help="torch (default); onnx: ONNX Runtime on the model's ONNX export (made on first use); "
+                        "auto: onnx when ONNX Runtime is installed and the device is the CPU")
     add_inference_flags(p)
+
+    p = sub.add_parser("export", help="the model as ONNX or TorchScript plus manifest.json, for use without medclf")
+    p.add_argument("model", metavar="RUN_OR_MODEL")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", help="folder for the model file and manifest.json (default: RUN-export beside the run)")
+    p.add_argument("--quantize", choices=["int8"], help="also write an int8 ONNX model (ONNX Runtime static "
+                                                         "quantization calibrated on training images)")
+    p.add_argument("--data", help="the run's DATA, where it moved since training (for --quantize)")
 
     p = sub.add_parser("compare", help="train arms × seeds on DATA and compare them on the same images")
     p.add_argument("data", help="folder, .csv/.tsv label file, .npz, or dataset name")
@@ -170,6 +181,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("datasets", help="the named public datasets and whether each is cached")
 
+    p = sub.add_parser("serve", help="the model as an HTTP API with a web page (FastAPI + uvicorn)")
+    p.add_argument("model", metavar="RUN_OR_MODEL", help="run directory or model.pt")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
+    p.add_argument("--max-pixels", type=int, default=50_000_000, help="largest image in pixels (default 50000000)")
+    p.add_argument("--queue", type=int, default=256, help="images queued before requests get 503 (default 256)")
+
     p = sub.add_parser("cache", help="list, clear or prune the decoded-image cache")
     p.add_argument("action", nargs="?", choices=("list", "clear", "prune"), default="list")
     p.add_argument("--max-size", type=float, metavar="GB", help="prune: evict least recently used stores down to GB")
@@ -195,8 +215,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     elif args.command == "predict":
         rows = medclf.predict(args.model, args.inputs, split=args.split, out=args.out, tta=args.tta,
-                              device=args.device, skip_bad=args.skip_bad)
+                              device=args.device, skip_bad=args.skip_bad, engine=args.engine)
         print(f"{len(rows)} prediction(s) → {args.out}")
+    elif args.command == "export":
+        export_command(args)
     elif args.command == "compare":
         flags = {k: v for k, v in vars(args).items() if k not in ("command", "data", "weights", "arms", "seeds", "force", "out")}
         medclf.compare(args.data, weights=args.weights, arms=args.arms, seeds=args.seeds, out=args.out,
@@ -221,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{row['name']:<22} {row['classes']:>3} classes  {'cached' if row['cached'] else '-':<7} {row['task']}")
     elif args.command == "cache":
         cache_command(args.action, args.cache_dir, args.max_size)
+    elif args.command == "serve":
+        serve_command(args)
     return 0
 
 
@@ -233,6 +257,18 @@ def doctor_command(data: str, out: str, strict: bool, options: dict) -> int:
         print(line)
     print(f"doctor → {out}/doctor.html, {out}/doctor.json")
     return FINDINGS_EXIT if strict and has_leakage(findings) else 0
+def export_command(args: argparse.Namespace) -> None:
+    import medclf
+
+    manifest = medclf.export(args.model, format=args.format, out=args.out, quantize=args.quantize, data=args.data)
+    folder = manifest["folder"]
+    print(f"{manifest['files']['format']} model → {folder}/{manifest['files']['model']} (manifest.json beside it)")
+    report = manifest.get("quantization")
+    if report:
+        change = report["change"]
+        print(f"int8 → {folder}/{manifest['files']['int8']}: validation accuracy {change['accuracy']:+.4f}, "
+              f"AUC {change['auc']:+.4f}, {report['speedup']:.2f}× the fp32 speed; "
+              f"{'recommended' if report['within_tolerance'] else 'not recommended (outside the tolerance)'}")
 
 
 def cache_command(action: str, cache_dir: str | None, max_size_gb: float | None) -> None:
@@ -258,6 +294,18 @@ def cache_command(action: str, cache_dir: str | None, max_size_gb: float | None)
         removed, freed = cache.prune(root, int(max_size_gb * 1e9))
     print(f"removed {removed} store(s), freed {cache.human_bytes(freed)}; "
           f"{cache.human_bytes(cache.total_bytes(root))} left in {root}")
+
+
+def serve_command(args: argparse.Namespace) -> None:
+    """`medclf serve`: the limits checked here so a bad flag is one line, not a server that refuses everything."""
+    if not 0 < args.max_upload_mb <= 4096 or args.max_pixels < 1 or args.queue < 1 or not 0 <= args.port <= 65535:
+        raise MedclfError("serve: --max-upload-mb must be in (0, 4096], --max-pixels and --queue at least 1, "
+                          "--port in 0..65535")
+    from .serving import Limits, serve
+
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=args.max_pixels,
+                    queue_images=args.queue)
+    serve(args.model, host=args.host, port=args.port, device=args.device, limits=limits)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from .errors import MedclfError
 from .evaluation import choose_threshold
 from .inference import predict_store
 from .metrics import METHOD_OOF, estimate, evaluate_predictions
+from .model_card import headline_intervals
 from .oof import OOF_FILE, write_oof
 from .serialize import json_safe
 
@@ -118,6 +119,7 @@ def train_folds(cfg: TrainConfig, source, stores: dict[str, Store], spec: dict, 
     threshold = choose_threshold(labels, oof)
     results = {"oof": evaluate_predictions(labels, oof, spec["classes"], threshold, chosen_on="out-of-fold")}
     results["oof"]["tta"] = cfg.tta
+    results["oof"].update(headline_intervals(labels, oof, spec["classes"]))  # the model card quotes them
     results["estimate"] = estimate(labels, oof, spec["classes"], METHOD_OOF.format(k=k))
     extra = {"config": resolved, "threshold": threshold, "folds": k}
     if cfg.refit:
@@ -147,6 +149,7 @@ def train_folds(cfg: TrainConfig, source, stores: dict[str, Store], spec: dict, 
         test_labels = stores["test"].labels.numpy()
         results["test"] = evaluate_predictions(test_labels, probs, spec["classes"], threshold, chosen_on="out-of-fold")
         results["test"]["tta"] = cfg.tta
+        results["test"].update(headline_intervals(test_labels, probs, spec["classes"]))
         curves["test"] = (test_labels, probs)
         shown_stores["test"] = stores["test"]
     results = json_safe(results)

@@ -34,10 +34,12 @@ def evaluate(run_or_model: str, data: str, split: str = "test", tta: bool = Fals
 
 def predict(run_or_model: str, inputs: list[str], split: str | None = None, out: str | None = "predictions.csv",
             tta: bool = False, device: str = "auto", precision: str = "auto", skip_bad: bool = False,
-            cache: bool = True) -> list[dict]:
-    """Predictions for image files/folders, or for a split of DATA. Writes a CSV when `out` is given."""
+            cache: bool = True, engine: str = "torch") -> list[dict]:
+    """Predictions for image files/folders, or for a split of DATA. Writes a CSV when `out` is given.
+
+    engine: torch, onnx (ONNX Runtime on the model's ONNX export) or auto (see inference.load_for_inference)."""
     out_path = output_file(out, "--out", "the predictions CSV") if out else None
-    loaded = load_for_inference(run_or_model, device, precision)
+    loaded = load_for_inference(run_or_model, device, precision, engine)
     classes = loaded.ckpt["classes"]
     if split is not None:
         if len(inputs) != 1:

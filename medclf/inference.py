@@ -21,7 +21,7 @@ from .data import dicom, sources
 from .data.augment import prepare_batch
 from .data.store import Store, build_store, native_size
 from .errors import MedclfError
-from .models import load_model
+from .models import load_model, read_checkpoint, resolve_model_path
 
 INFER_BATCH = 256  # images per forward pass: large batches keep every core busy, memory stays < 1 GB at 224 px
 
@@ -41,14 +41,60 @@ class LoadedModel:
                              tta=tta, desc=desc)
 
 
-def load_for_inference(run_or_model: str | Path, device: str = "auto", precision: str = "auto") -> LoadedModel:
-    """The model of a run directory or model.pt, moved to `device` in the memory format that runs fastest there."""
+@dataclass
+class OnnxModel:
+    """A checkpoint exported to ONNX (preprocessing inside the graph), run by ONNX Runtime on the CPU."""
+
+    session: Any
+    ckpt: dict[str, Any]
+
+    def predict(self, store: Store, tta: bool = False, desc: str | None = None) -> np.ndarray:
+        """Class probabilities (N×K float32), as `predict_store` gives them for the same checkpoint."""
+        out = []
+        for idx in tqdm(torch.arange(len(store)).split(ONNX_BATCH), desc=desc or "predict", unit="batch",
+                        leave=False, disable=desc is None or len(store) < 4 * ONNX_BATCH):
+            images = store.take(idx).numpy()
+            probs = self.session.run(None, {"image": images})[0]
+            if tta:  # the flipped image's probabilities, averaged as predict_store averages them
+                probs = (probs + self.session.run(None, {"image": np.ascontiguousarray(images[..., ::-1])})[0]) / 2
+            out.append(probs)
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.ckpt["num_classes"]), np.float32)
+
+
+ONNX_BATCH = 64  # ONNX Runtime gains nothing from larger batches on a CPU, and memory stays small
+ENGINES = ("torch", "onnx", "auto")
+
+
+def load_for_inference(run_or_model: str | Path, device: str = "auto", precision: str = "auto",
+                       engine: str = "torch") -> LoadedModel | OnnxModel:
+    """The model of a run directory or model.pt, ready to predict a store.
+
+    engine "torch": the PyTorch model, moved to `device` in the memory format that runs fastest there;
+    "onnx": ONNX Runtime on the checkpoint's ONNX export (exported once into the cache); "auto": ONNX
+    Runtime when it is installed and the device is the CPU, else torch."""
+    if engine not in ENGINES:
+        raise MedclfError(f"--engine {engine!r}: choose torch, onnx or auto")
+    if engine != "torch":
+        dev = runtime.pick_device(device)
+        if engine == "onnx" and dev.type != "cpu":
+            raise MedclfError(f"--engine onnx runs on the CPU; drop --device {device} or use --engine torch")
+        if dev.type == "cpu" and (engine == "onnx" or onnx_engine_available()):
+            from .exporting import onnx_session
+
+            ckpt = read_checkpoint(run_or_model)
+            return OnnxModel(onnx_session(ckpt, resolve_model_path(run_or_model)), ckpt)
     model, ckpt = load_model(run_or_model)
     dev = runtime.pick_device(device)
     prec = runtime.pick_precision(precision, dev)
     channels_last = runtime.use_channels_last(None, dev, prec)
     model = model.to(dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return LoadedModel(model, ckpt, dev, prec, channels_last)
+
+
+def onnx_engine_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx", "onnxscript"))
 
 
 def model_view(ckpt: dict[str, Any], images: torch.Tensor) -> torch.Tensor:

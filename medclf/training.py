@@ -25,6 +25,7 @@ from .errors import MedclfError
 from .evaluation import choose_threshold
 from .inference import predict_store
 from .metrics import METHOD_VAL, METHOD_VAL_SELECTED, estimate, evaluate_predictions
+from .model_card import headline_intervals
 from .serialize import json_safe, plain
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_auc",
@@ -417,6 +418,7 @@ def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig
             threshold = choose_threshold(labels, probs)
         results[name] = evaluate_predictions(labels, probs, spec["classes"], threshold)
         results[name]["tta"] = cfg.tta
+        results[name].update(headline_intervals(labels, probs, spec["classes"]))  # the model card quotes them
         curves[name] = (labels, probs)
     if threshold is not None:  # predict/evaluate reuse the validation threshold
         ckpt["threshold"] = threshold

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ def report(run: str | Path, data: str | None = None, out: str | Path | None = No
     run = Path(run)
     if not (run / "model.pt").is_file():
         raise MedclfError(f"not a run directory (no model.pt): {run}")
+    stores_given = stores
     config = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
     same_device = str(runtime.pick_device(device)) == str(config.get("device"))
     loaded = inference.load_for_inference(run / "model.pt", device,
@@ -88,6 +88,10 @@ def report(run: str | Path, data: str | None = None, out: str | Path | None = No
                 f"data {H.esc(data)}")
     path = Path(out) if out else run / "report.html"
     H.write(path, H.page(f"medclf report: {run.name}", subtitle, sections))
+    if stores_given is None and (run / "metrics.json").is_file():  # `medclf report RUN`: the card follows the code
+        from ..model_card import write_model_card
+
+        write_model_card(run)
     return str(path)
 
 
@@ -378,12 +382,9 @@ def _out_of_fold_mistakes(e: dict, wrong: np.ndarray, pred: np.ndarray, classes:
 
 
 def _dataset(run: Path, ckpt: dict, store: Store | None, classes: list[str], shown: str) -> str:
-    counts: dict[str, Counter] = {}
-    path = run / "splits.csv"
-    if path.is_file():
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                counts.setdefault(row["split"], Counter())[row["label"]] += 1
+    from ..model_card import split_counts
+
+    counts = split_counts(run, {})
     html = ""
     if counts:
         names = list(counts)
@@ -417,7 +418,10 @@ def _config(run: Path) -> str:
 
 def write_run_outputs(out: Path, results: dict, curves: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
                       stores: dict[str, Store], device: str) -> None:
-    """The run's plots and report.html, after metrics.json: a failure here costs that file, never the run."""
+    """The run's model card, plots and report.html, after metrics.json: a failure here costs that file, never the run."""
+    from ..model_card import write_model_card
+
+    write_model_card(out)
     shown = next(split for split in ("test", "val", "oof") if split in results and split in curves)
     problems = figures.save_run_plots(out, out / "history.csv", results[shown]["confusion_matrix"], classes,
                                       *curves[shown], split=shown)

@@ -1,0 +1,166 @@
+"""`medclf export`: a run's model as one ONNX (or TorchScript) file plus manifest.json, for use without medclf.
+
+The exported graph takes what medclf's decoder produces (uint8 N×C×H×W at the checkpoint's stored size)
+and returns class probabilities: `inference.preprocess` (scale, centre crop, resize, normalise) runs
+inside it, traced from the same function every medclf command uses, so there is no second copy of the
+rule. An ensemble (cross-validation's fold models) exports as one graph answering with the members'
+mean probability. `--quantize int8` adds ONNX Runtime's static int8 quantization, calibrated on
+training-split images, and records its validation accuracy/AUC change and speed-up in the manifest.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import atomic
+from .errors import MedclfError
+from .inference import preprocess
+from .manifest import build_manifest
+from .models import load_model, resolve_model_path
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+INT8_FILE = "model.int8.onnx"
+# int8 is recommended (manifest "recommended_model") only when validation changes by no more than this
+INT8_TOLERANCE = {"accuracy": 0.01, "auc": 0.005}
+EXAMPLE_BATCH = 2
+
+
+class Deployable(nn.Module):
+    """A checkpoint's model with medclf's input path in front and softmax behind: uint8 images → probabilities."""
+
+    def __init__(self, model: nn.Module, ckpt: dict[str, Any]):
+        super().__init__()
+        self.model = model.eval()
+        self.input_spec = {key: ckpt[key] for key in ("in_chans", "input_size", "mean", "std")}
+        self.input_spec["crop"] = ckpt.get("crop", 1.0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(preprocess(self.input_spec, images)).float().softmax(1)
+
+
+def export(run_or_model: str | Path, format: str = "onnx", out: str | Path | None = None,
+           quantize: str | None = None, data: str | None = None, calibration_images: int = 128) -> dict[str, Any]:
+    """Write the model file and manifest.json into `out` (default: RUN-export next to the run); the manifest."""
+    if format not in FORMATS:
+        raise MedclfError(f"--format {format!r}: choose onnx or torchscript")
+    if quantize not in (None, "int8"):
+        raise MedclfError(f"--quantize {quantize!r}: the only quantization is int8")
+    if quantize and format != "onnx":
+        raise MedclfError("--quantize int8 needs --format onnx (ONNX Runtime quantizes the ONNX graph)")
+    model_path = resolve_model_path(run_or_model)
+    folder = export_folder(model_path, out)
+    model, ckpt = load_model(model_path)
+    manifest = build_manifest(ckpt, model_path.parent)
+    deployable = Deployable(model, ckpt)
+    if format == "onnx":
+        write_onnx(deployable, ckpt, folder / FORMATS["onnx"])
+        manifest["opset"] = onnx_opset(folder / FORMATS["onnx"])
+    else:
+        write_torchscript(deployable, ckpt, folder / FORMATS["torchscript"])
+    manifest["files"] = {"model": FORMATS[format], "format": format}
+    manifest["recommended_model"] = FORMATS[format]
+    if quantize:
+        from .quantize import quantize_int8
+
+        report = quantize_int8(folder / FORMATS["onnx"], folder / INT8_FILE, ckpt, data, model_path.parent,
+                               calibration_images, INT8_TOLERANCE)
+        manifest["files"]["int8"] = INT8_FILE
+        manifest["quantization"] = report
+        if report["within_tolerance"]:
+            manifest["recommended_model"] = INT8_FILE
+    atomic.write_text(folder / "manifest.json", json.dumps(manifest, indent=2))
+    return {**manifest, "folder": str(folder)}
+
+
+def export_folder(model_path: Path, out: str | Path | None) -> Path:
+    """--out, or RUN-export beside the run (a run directory holds only the files training writes)."""
+    folder = Path(out).expanduser() if out else model_path.parent.with_name(model_path.parent.name + "-export")
+    if folder.exists() and not folder.is_dir():
+        raise MedclfError(f"--out {folder} is a file; give a folder for the exported model")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def example_input(ckpt: dict[str, Any]) -> torch.Tensor:
+    size = ckpt.get("store_size", ckpt["input_size"])
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (EXAMPLE_BATCH, ckpt["in_chans"], size, size), dtype=torch.uint8, generator=generator)
+
+
+def write_onnx(deployable: Deployable, ckpt: dict[str, Any], path: Path) -> None:
+    """torch.onnx's current (torch.export-based) exporter, with a dynamic batch axis."""
+    try:
+        import onnx  # noqa: F401 - the exporter needs it; a clear message beats its ImportError
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise MedclfError(f"exporting to ONNX needs the onnx and onnxscript packages ({exc.name} is missing): "
+                          f"pip install onnx onnxscript") from None
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings(), open(os.devnull, "w") as quiet, \
+            contextlib.redirect_stdout(quiet):
+        warnings.simplefilter("ignore")  # tracer chatter about constants and shape guards
+        program = torch.onnx.export(deployable, (example_input(ckpt),), input_names=["image"],
+                                    output_names=["probabilities"], dynamic_shapes={"images": {0: batch}},
+                                    dynamo=True, verbose=False)
+    atomic.write_with(path, lambda tmp: program.save(str(tmp)))
+
+
+def onnx_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def write_torchscript(deployable: Deployable, ckpt: dict[str, Any], path: Path) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings about constants: the traced values are the checkpoint's
+        traced = torch.jit.trace(deployable, (example_input(ckpt),), check_trace=False)
+    atomic.write_with(path, lambda tmp: traced.save(str(tmp)))
+
+
+
+def cached_onnx(ckpt: dict[str, Any], model_path: Path) -> Path:
+    """The checkpoint's ONNX export in the medclf data folder, exported on first use.
+
+    Keyed by what the graph computes (weights, input rule, medclf version), so a retrained or changed
+    model never reuses an old export, and every run of the same model shares one."""
+    from .data.named import data_home
+
+    manifest = build_manifest(ckpt)
+    keyed = {key: manifest[key] for key in ("input", "preprocessing", "task", "weights_sha256", "medclf_version")}
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:24]
+    path = data_home() / "exports" / key / FORMATS["onnx"]
+    if not path.is_file():
+        model, ckpt = load_model(model_path)
+        write_onnx(Deployable(model, ckpt), ckpt, path)
+    return path
+
+
+def session_options() -> Any:
+    """ONNX Runtime settings for CPU inference: every core this process may use, all graph optimisations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    return options
+
+
+def onnx_session(ckpt: dict[str, Any], model_path: Path) -> Any:
+    """An ONNX Runtime session on the checkpoint's (cached) ONNX export."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MedclfError("--engine onnx needs ONNX Runtime: pip install onnxruntime (or use --engine torch)") from None
+
+    return ort.InferenceSession(str(cached_onnx(ckpt, model_path)), session_options(),
+                                providers=["CPUExecutionProvider"])

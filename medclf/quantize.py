@@ -1,0 +1,106 @@
+"""int8 static quantization of an exported ONNX model, judged on the run's validation split.
+
+ONNX Runtime's static quantization (QDQ, per-channel int8 weights, uint8 activations) needs the
+ranges of the activations: they are measured on images of the training split (the run's splits.csv
+says which), never on the validation images it is then judged on. The report puts validation
+accuracy/AUC of both models next to their speed; the export recommends int8 only within a tolerance.
+"""
+from __future__ import annotations
+
+import csv
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data.store import Store
+from .errors import MedclfError
+from .inference import open_data, split_store
+from .metrics import classification_metrics
+
+TIMING_BATCH = 32
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, ckpt: dict[str, Any], data: str | None, run_dir: Path,
+                  calibration_images: int, tolerance: dict[str, float]) -> dict[str, Any]:
+    """Write int8_path; the calibration and validation report (accuracy/AUC change, speed-up, within tolerance)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    data = data or ckpt.get("config", {}).get("data")
+    if not data:
+        raise MedclfError("--quantize int8 needs the run's data for calibration and validation: give --data DATA")
+    source = open_data(ckpt, data)
+    train, _ = split_store(ckpt, source, "train")
+    calibration = calibration_batch(train, run_dir / "splits.csv", calibration_images, ckpt.get("config", {}).get("seed", 0))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 16)))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"image": batch}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    val, _ = split_store(ckpt, source, "val")
+    return validation_report(fp32_path, int8_path, val, ckpt["classes"], len(calibration), tolerance)
+
+
+def calibration_batch(train: Store, splits_csv: Path, count: int, seed: int) -> np.ndarray:
+    """Up to `count` training images (uint8 N×C×H×W), drawn at random among the run's recorded training ids."""
+    ids = np.array(train.ids)
+    if splits_csv.is_file():
+        with splits_csv.open(newline="") as f:
+            recorded = {row["id"] for row in csv.DictReader(f) if row["split"] == "train"}
+        chosen = np.flatnonzero(np.isin(ids, list(recorded)))
+        if len(chosen) == 0:
+            raise MedclfError(f"none of the training images in {splits_csv} is in the data now; give the run's "
+                              f"data with --data")
+    else:  # a bare model.pt: the training split as rebuilt from its config
+        chosen = np.arange(len(ids))
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(chosen, size=min(count, len(chosen)), replace=False))
+    return train.take(torch.from_numpy(picked)).numpy()
+
+
+def validation_report(fp32_path: Path, int8_path: Path, val: Store, classes: list[str], calibrated_on: int,
+                      tolerance: dict[str, float]) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from .exporting import session_options
+
+    images, labels = val.images if isinstance(val.images, np.ndarray) else val.images.numpy(), val.labels.numpy()
+    result: dict[str, Any] = {"calibration_images": calibrated_on, "calibrated_on": "training split",
+                              "validation_images": int(len(labels)), "tolerance": tolerance}
+    for name, path in (("fp32", fp32_path), ("int8", int8_path)):
+        session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+        probs, seconds = timed_probabilities(session, images)
+        metrics = classification_metrics(labels, probs, classes)
+        result[name] = {"accuracy": metrics["accuracy"], "auc": metrics["auc"], "images_per_s": len(images) / seconds}
+    result["change"] = {key: _difference(result["int8"][key], result["fp32"][key]) for key in ("accuracy", "auc")}
+    result["speedup"] = result["int8"]["images_per_s"] / result["fp32"]["images_per_s"]
+    result["within_tolerance"] = all(result["change"][key] is not None and result["change"][key] >= -limit
+                                     for key, limit in tolerance.items())
+    return result
+
+
+def timed_probabilities(session: Any, images: np.ndarray) -> tuple[np.ndarray, float]:
+    """Probabilities for all images and the seconds they took (after one warm-up batch)."""
+    session.run(None, {"image": images[:TIMING_BATCH]})
+    start = time.perf_counter()
+    probs = [session.run(None, {"image": images[i:i + TIMING_BATCH]})[0] for i in range(0, len(images), TIMING_BATCH)]
+    return np.concatenate(probs), time.perf_counter() - start
+
+
+def _difference(new: float | None, old: float | None) -> float | None:
+    if new is None or old is None or np.isnan(new) or np.isnan(old):
+        return None
+    return float(new - old)
