@@ -271,3 +271,27 @@ def test_quantize_without_data_is_one_line(tiny_run, tmp_path, capsys):
     torch.save(ckpt, tmp_path / "model.pt")
     assert main(["export", str(tmp_path / "model.pt"), "--quantize", "int8", "--out", str(tmp_path / "q")]) == 2
     assert "give --data DATA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "I;16", "RGBA", "P", "LA", "1"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_example_decodes_every_pixel_mode_as_medclf_does(mode, channels, tmp_path):
+    # the example must not import medclf, so it carries its own copy of the decode rule: this keeps them equal
+    import runpy
+
+    from PIL import Image
+
+    from medclf.data.store import _to_channels, decode_image
+
+    example = runpy.run_path(str(EXAMPLE))
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 60000 if mode == "I;16" else 256, (30, 40, 4 if "A" in mode else 3))
+    if mode in ("RGB", "RGBA"):
+        img = Image.fromarray(pixels[..., :len(mode)].astype(np.uint8), mode)
+    elif mode == "I;16":
+        img = Image.fromarray(pixels[..., 0].astype(np.uint16))  # Pillow picks I;16
+    else:
+        img = Image.fromarray(pixels[..., :3].astype(np.uint8), "RGB").convert(mode)
+    img.save(tmp_path / "x.png")
+    expected = _to_channels(decode_image(str(tmp_path / "x.png"), 16), channels)
+    np.testing.assert_array_equal(example["decode"](tmp_path / "x.png", 16, channels), expected)
