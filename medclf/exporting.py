@@ -28,7 +28,8 @@ from .models import load_model, resolve_model_path
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 INT8_FILE = "model.int8.onnx"
-# int8 is recommended (manifest "recommended_model") only when validation changes by no more than this
+# int8 is recommended (manifest "recommended_model") only when validation accuracy and AUC move by no more
+# than this, up or down
 INT8_TOLERANCE = {"accuracy": 0.01, "auc": 0.005}
 EXAMPLE_BATCH = 2
 
