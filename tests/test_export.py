@@ -295,3 +295,16 @@ def test_example_decodes_every_pixel_mode_as_medclf_does(mode, channels, tmp_pat
     img.save(tmp_path / "x.png")
     expected = _to_channels(decode_image(str(tmp_path / "x.png"), 16), channels)
     np.testing.assert_array_equal(example["decode"](tmp_path / "x.png", 16, channels), expected)
+
+
+def test_exported_output_follows_the_checkpoints_task(tiny_run):
+    from medclf.exporting import Deployable, example_input
+    from medclf.inference import preprocess
+    from medclf.models import load_model
+
+    model, ckpt = load_model(tiny_run)
+    images = example_input(ckpt)
+    with torch.no_grad():
+        logits = model(preprocess(ckpt, images))
+        torch.testing.assert_close(Deployable(model, ckpt)(images), logits.softmax(1))
+        torch.testing.assert_close(Deployable(model, {**ckpt, "task": "multi-label"})(images), logits.sigmoid())
