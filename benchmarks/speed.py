@@ -5,6 +5,7 @@ per case and mode, then a summary line with median ratios over the repeats.
 
     python benchmarks/speed.py                       # all cases, 3 repeats
     python benchmarks/speed.py --cases 224 --repeats 1
+    python benchmarks/speed.py --modes engines       # inference engines at 224 px vs the plain loop (engines.py)
 
 Training is timed as whole-process wall time (imports, data loading, every epoch with its
 validation pass, final evaluation and output files). Inference is the loop over the validation
@@ -147,8 +148,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--passes", type=int, default=3, help="inference passes over the validation split")
     ap.add_argument("--mednist-per-class", type=int, default=1000, help="MedNIST train images per class (val: 1/8)")
+    ap.add_argument("--images", type=int, default=300, help="engines mode: images timed per arm and round")
+    ap.add_argument("--rounds", type=int, default=3, help="engines mode: rounds, arms alternating within each")
+    ap.add_argument("--run", help="engines mode: a trained 224 px run to time (default: random weights)")
+    ap.add_argument("--data", default=str(SHARED / "chest_xray_400"), help="engines mode: images (DATA/train/CLASS/)")
     args = ap.parse_args()
     args.modes = args.modes.split(",")
+    if args.modes == ["engines"]:  # inference engines side by side in one process (benchmarks/engines.py)
+        from engines import run_engines
+
+        run_engines(args)
+        return
     rows = []
     with tempfile.TemporaryDirectory(prefix="medclf-speed-") as tmp:
         for name in args.cases.split(","):

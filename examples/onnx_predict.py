@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("export_dir", type=Path)
     ap.add_argument("inputs", nargs="+", help="image files, folders, or FILE.npz:SPLIT")
-    ap.add_argument("--model", help="model file in EXPORT_DIR (default: the manifest's model)")
+    ap.add_argument("--model", help="model file in EXPORT_DIR (default: the manifest's recommended model)")
     ap.add_argument("--out", default="-", help="CSV file ('-': stdout)")
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args(argv)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(args.export_dir / (args.model or manifest["files"]["model"])), options,
+    session = ort.InferenceSession(str(args.export_dir / (args.model or manifest["recommended_model"])), options,
                                    providers=["CPUExecutionProvider"])
     probs = np.concatenate([session.run(None, {"image": images[i:i + args.batch_size]})[0]
                             for i in range(0, len(images), args.batch_size)])

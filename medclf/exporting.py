@@ -23,12 +23,13 @@ from torch import nn
 from . import atomic
 from .errors import MedclfError
 from .inference import preprocess
-from .manifest import build_manifest
+from .manifest import SINGLE_LABEL, build_manifest
 from .models import load_model, resolve_model_path
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 INT8_FILE = "model.int8.onnx"
-# int8 is recommended (manifest "recommended_model") only when validation changes by no more than this
+# int8 is recommended (manifest "recommended_model") only when validation accuracy and AUC move by no more
+# than this, up or down
 INT8_TOLERANCE = {"accuracy": 0.01, "auc": 0.005}
 EXAMPLE_BATCH = 2
 
@@ -41,9 +42,11 @@ class Deployable(nn.Module):
         self.model = model.eval()
         self.input_spec = {key: ckpt[key] for key in ("in_chans", "input_size", "mean", "std")}
         self.input_spec["crop"] = ckpt.get("crop", 1.0)
+        self.single_label = ckpt.get("task", SINGLE_LABEL) == SINGLE_LABEL  # as manifest.output_meaning says
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(preprocess(self.input_spec, images)).float().softmax(1)
+        logits = self.model(preprocess(self.input_spec, images)).float()
+        return logits.softmax(1) if self.single_label else logits.sigmoid()
 
 
 def export(run_or_model: str | Path, format: str = "onnx", out: str | Path | None = None,

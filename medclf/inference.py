@@ -74,15 +74,13 @@ def load_for_inference(run_or_model: str | Path, device: str = "auto", precision
     Runtime when it is installed and the device is the CPU, else torch."""
     if engine not in ENGINES:
         raise MedclfError(f"--engine {engine!r}: choose torch, onnx or auto")
-    if engine != "torch":
-        dev = runtime.pick_device(device)
-        if engine == "onnx" and dev.type != "cpu":
-            raise MedclfError(f"--engine onnx runs on the CPU; drop --device {device} or use --engine torch")
-        if dev.type == "cpu" and (engine == "onnx" or onnx_engine_available()):
-            from .exporting import onnx_session
+    if engine == "onnx" and device not in ("auto", "cpu"):
+        raise MedclfError(f"--engine onnx runs on the CPU; drop --device {device} or use --engine torch")
+    if engine == "onnx" or (engine == "auto" and runtime.pick_device(device).type == "cpu" and onnx_engine_available()):
+        from .exporting import onnx_session
 
-            ckpt = read_checkpoint(run_or_model)
-            return OnnxModel(onnx_session(ckpt, resolve_model_path(run_or_model)), ckpt)
+        ckpt = read_checkpoint(run_or_model)
+        return OnnxModel(onnx_session(ckpt, resolve_model_path(run_or_model)), ckpt)
     model, ckpt = load_model(run_or_model)
     dev = runtime.pick_device(device)
     prec = runtime.pick_precision(precision, dev)

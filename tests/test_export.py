@@ -1,16 +1,27 @@
 """Export (ONNX / TorchScript), manifest.json and the ONNX engine of predict."""
 from __future__ import annotations
 
+import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import make_split_folder
+import medclf
+from conftest import SHARED, make_split_folder
+from medclf import inference
 from medclf.cli import main
+from medclf.data.store import Store
+from medclf.exporting import INT8_TOLERANCE, cached_onnx
+from medclf.inference import LoadedModel, OnnxModel, input_store, load_for_inference
 from medclf.manifest import build_manifest, weights_sha256
-from medclf.models import read_checkpoint
+from medclf.models import ensemble_checkpoint, read_checkpoint, resolve_model_path
+from medclf.quantize import calibration_batch
 
 TINY_FLAGS = ["--epochs", "1", "--batch-size", "16", "--patience", "0", "--folds", "0"]
 
@@ -51,3 +62,249 @@ def test_weights_hash_changes_with_any_weight():
     changed = {"a": torch.tensor([0.0, 0.0, 1e-7]), "n": torch.tensor(0)}
     assert weights_sha256(state) == weights_sha256(same)
     assert weights_sha256(state) != weights_sha256(changed)
+
+
+# --- export and parity -------------------------------------------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "onnx_predict.py"
+CHEST = SHARED / "chest_xray_400"
+PNEUMONIAMNIST = SHARED / "pneumoniamnist_28_trainval.npz"
+PARITY = 1e-4
+
+
+def probabilities(csv_path: Path) -> dict[str, np.ndarray]:
+    """id (path or npz row) → the prob_* columns of a predictions CSV."""
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    key = "path" if "path" in rows[0] else "index"
+    columns = [c for c in rows[0] if c.startswith("prob_")]
+    return {row[key]: np.array([float(row[c]) for c in columns]) for row in rows}
+
+
+def assert_same_probabilities(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> None:
+    assert expected.keys() == actual.keys() and expected
+    worst = max(np.abs(expected[k] - actual[k]).max() for k in expected)
+    assert worst <= PARITY, worst
+
+
+def run_example(export_dir: Path, inputs: list[str], out: Path) -> dict[str, np.ndarray]:
+    """examples/onnx_predict.py in a fresh interpreter that cannot import medclf."""
+    code = ("import sys, runpy; sys.modules['medclf'] = None; sys.modules['torch'] = None; "
+            f"sys.argv = {[str(EXAMPLE), str(export_dir), *inputs, '--out', str(out)]!r}; "
+            f"runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=export_dir)
+    assert done.returncode == 0, done.stderr
+    return probabilities(out)
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny_run, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("onnx")
+    assert main(["export", str(tiny_run), "--out", str(folder)]) == 0
+    return folder
+
+
+def test_export_writes_model_and_manifest(onnx_export, tiny_run):
+    manifest = json.loads((onnx_export / "manifest.json").read_text())
+    assert manifest["files"] == {"model": "model.onnx", "format": "onnx"}
+    assert manifest["opset"] >= 18
+    assert manifest["weights_sha256"] == weights_sha256(read_checkpoint(tiny_run)["state_dict"])
+    import onnx
+
+    graph = onnx.load(str(onnx_export / "model.onnx")).graph
+    (image,), (probs,) = graph.input, graph.output
+    assert (image.name, probs.name) == ("image", "probabilities")
+    assert image.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert image.type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch axis
+
+
+def test_plain_onnxruntime_script_reproduces_predict(onnx_export, tiny_run, tmp_path):
+    data = tiny_run.parent / "data" / "val"
+    assert main(["predict", str(tiny_run), str(data), "--out", str(tmp_path / "torch.csv")]) == 0
+    expected = probabilities(tmp_path / "torch.csv")
+    assert_same_probabilities(expected, run_example(onnx_export, [str(data)], tmp_path / "onnx.csv"))
+
+
+def test_default_export_folder_is_beside_the_run(tiny_run):
+    manifest = medclf.export(tiny_run)
+    assert Path(manifest["folder"]) == tiny_run.with_name(tiny_run.name + "-export")
+    assert (Path(manifest["folder"]) / "model.onnx").is_file()
+
+
+def test_torchscript_export_reproduces_predict(tiny_run, tmp_path):
+    assert main(["export", str(tiny_run), "--format", "torchscript", "--out", str(tmp_path / "ts")]) == 0
+    manifest = json.loads((tmp_path / "ts" / "manifest.json").read_text())
+    scripted = torch.jit.load(str(tmp_path / "ts" / manifest["files"]["model"]))
+    loaded = load_for_inference(tiny_run)
+    store = input_store(loaded.ckpt, [str(tiny_run.parent / "data" / "val")])
+    with torch.no_grad():
+        exported = scripted(store.images).numpy()
+    np.testing.assert_allclose(exported, loaded.predict(store), atol=PARITY)
+
+
+def test_ensemble_exports_as_one_graph_of_mean_probabilities(tiny_run, tmp_path):
+    ckpt = read_checkpoint(tiny_run)
+    other = {**ckpt, "state_dict": {k: v * 0.9 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}}
+    torch.save(ensemble_checkpoint([ckpt, other]), tmp_path / "model.pt")
+    data = str(tiny_run.parent / "data" / "val")
+    manifest = medclf.export(tmp_path / "model.pt", out=tmp_path / "export")
+    assert manifest["model"]["ensemble_members"] == 2
+    medclf.predict(str(tmp_path / "model.pt"), [data], out=str(tmp_path / "torch.csv"))
+    members = []
+    for i, member in enumerate((ckpt, other)):
+        torch.save(member, tmp_path / f"m{i}.pt")
+        members.append(probabilities_of(medclf.predict(str(tmp_path / f"m{i}.pt"), [data], out=None)))
+    expected = probabilities(tmp_path / "torch.csv")
+    assert_same_probabilities({k: (members[0][k] + members[1][k]) / 2 for k in expected}, expected)
+    assert_same_probabilities(expected, run_example(tmp_path / "export", [data], tmp_path / "onnx.csv"))
+
+
+def probabilities_of(rows: list[dict]) -> dict[str, np.ndarray]:
+    return {row["path"]: np.array([v for k, v in row.items() if k.startswith("prob_")]) for row in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHEST.is_dir(), reason="../shared/datasets/chest_xray_400 not present")
+def test_onnx_parity_on_the_shared_chest_xrays(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", str(CHEST), "--epochs", "1", "--size", "64", "--batch-size", "32", "--folds", "0",
+                 "--patience", "0", "--out", str(run)]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    val = [str(CHEST / "val")]
+    assert main(["predict", str(run), *val, "--out", str(tmp_path / "torch.csv")]) == 0
+    expected = probabilities(tmp_path / "torch.csv")
+    assert len(expected) == 100
+    assert_same_probabilities(expected, run_example(tmp_path / "export", val, tmp_path / "onnx.csv"))
+    assert main(["predict", str(run), *val, "--engine", "onnx", "--out", str(tmp_path / "engine.csv")]) == 0
+    assert_same_probabilities(expected, probabilities(tmp_path / "engine.csv"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PNEUMONIAMNIST.is_file(), reason="../shared/datasets/pneumoniamnist_28_trainval.npz not present")
+def test_onnx_parity_on_pneumoniamnist_rows(tiny_run, tmp_path):
+    # the tiny run's small-stem network is size-agnostic: the same weights read PneumoniaMNIST's 28 px rows
+    ckpt = {**read_checkpoint(tiny_run), "classes": ["0", "1"], "input_size": 28, "store_size": 28, "config": {}}
+    torch.save(ckpt, tmp_path / "model.pt")
+    assert main(["export", str(tmp_path / "model.pt"), "--out", str(tmp_path / "export")]) == 0
+    assert main(["predict", str(tmp_path / "model.pt"), str(PNEUMONIAMNIST), "--split", "val",
+                 "--out", str(tmp_path / "torch.csv")]) == 0
+    expected = probabilities(tmp_path / "torch.csv")
+    assert len(expected) == 524
+    assert_same_probabilities(expected, run_example(tmp_path / "export", [f"{PNEUMONIAMNIST}:val"],
+                                                    tmp_path / "onnx.csv"))
+
+
+# --- the ONNX engine of predict -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_onnx_engine_gives_the_torch_engines_probabilities(tiny_run, tmp_path, tta):
+    data = [str(tiny_run.parent / "data" / "val")]
+    torch_rows = medclf.predict(str(tiny_run), data, out=str(tmp_path / "torch.csv"), tta=tta)
+    onnx_rows = medclf.predict(str(tiny_run), data, out=str(tmp_path / "onnx.csv"), tta=tta, engine="onnx")
+    assert_same_probabilities(probabilities(tmp_path / "torch.csv"), probabilities(tmp_path / "onnx.csv"))
+    assert [r["prediction"] for r in torch_rows] == [r["prediction"] for r in onnx_rows]
+    header = (tmp_path / "torch.csv").read_text().splitlines()[0]
+    assert (tmp_path / "onnx.csv").read_text().splitlines()[0] == header  # same file format
+
+
+def test_engine_auto_uses_onnx_runtime_only_when_installed(tiny_run, monkeypatch):
+    assert isinstance(load_for_inference(tiny_run, engine="auto"), OnnxModel)
+    monkeypatch.setattr(inference, "onnx_engine_available", lambda: False)
+    assert isinstance(load_for_inference(tiny_run, engine="auto"), LoadedModel)
+    assert isinstance(load_for_inference(tiny_run, engine="torch"), LoadedModel)
+
+
+def test_engine_export_is_cached_by_weights(tiny_run, tmp_path):
+    ckpt = read_checkpoint(tiny_run)
+    first = cached_onnx(ckpt, resolve_model_path(tiny_run))
+    stamp = first.stat().st_mtime_ns
+    assert cached_onnx(ckpt, resolve_model_path(tiny_run)) == first and first.stat().st_mtime_ns == stamp
+    changed = {**ckpt, "state_dict": {k: v + 1 if k == "fc.bias" else v for k, v in ckpt["state_dict"].items()}}
+    torch.save(changed, tmp_path / "model.pt")
+    assert cached_onnx(changed, tmp_path / "model.pt") != first
+
+
+# --- int8 ----------------------------------------------------------------------------------------------------------
+
+def test_int8_export_reports_validation_change_and_speed(tiny_run, tmp_path):
+    manifest = medclf.export(tiny_run, out=tmp_path / "q", quantize="int8")
+    report = manifest["quantization"]
+    assert (tmp_path / "q" / "model.int8.onnx").is_file() and manifest["files"]["int8"] == "model.int8.onnx"
+    assert report["validation_images"] == 16 and 0 < report["calibration_images"] <= 48
+    for key in ("accuracy", "auc"):
+        assert report["change"][key] == pytest.approx(report["int8"][key] - report["fp32"][key])
+    assert report["speedup"] == pytest.approx(report["int8"]["images_per_s"] / report["fp32"]["images_per_s"])
+    within = all(abs(report["change"][k]) <= limit for k, limit in INT8_TOLERANCE.items())
+    assert report["within_tolerance"] == within
+    assert manifest["recommended_model"] == ("model.int8.onnx" if within else "model.onnx")
+
+
+def test_int8_calibration_draws_only_recorded_training_images(tmp_path):
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    store = Store(images, torch.zeros(10, dtype=torch.int64), [f"img{i}" for i in range(10)])
+    (tmp_path / "splits.csv").write_text("split,id,label\n" + "".join(
+        f"{'train' if i % 2 else 'val'},img{i},a\n" for i in range(10)))
+    batch = calibration_batch(store, tmp_path / "splits.csv", count=100, seed=0)
+    assert sorted(batch[:, 0, 0, 0].tolist()) == [1, 3, 5, 7, 9]
+    assert len(calibration_batch(store, tmp_path / "splits.csv", count=2, seed=0)) == 2
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["export", "{tmp}/nothing"], "model not found"),
+    (["export", "{run}", "--format", "torchscript", "--quantize", "int8"], "--quantize int8 needs --format onnx"),
+    (["export", "{run}", "--out", "{tmp}/file.txt"], "is a file"),
+    (["predict", "{run}", "{tmp}", "--engine", "onnx", "--device", "cuda"], "--engine onnx runs on the CPU"),
+])
+def test_export_bad_input_is_one_line_and_exit_2(argv, needle, tiny_run, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    argv = [a.format(tmp=tmp_path, run=tiny_run) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medclf: error: ") and err.count("\n") == 1 and needle in err, err
+
+
+def test_quantize_without_data_is_one_line(tiny_run, tmp_path, capsys):
+    ckpt = {**read_checkpoint(tiny_run), "config": {}}
+    torch.save(ckpt, tmp_path / "model.pt")
+    assert main(["export", str(tmp_path / "model.pt"), "--quantize", "int8", "--out", str(tmp_path / "q")]) == 2
+    assert "give --data DATA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "I;16", "RGBA", "P", "LA", "1"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_example_decodes_every_pixel_mode_as_medclf_does(mode, channels, tmp_path):
+    # the example must not import medclf, so it carries its own copy of the decode rule: this keeps them equal
+    import runpy
+
+    from PIL import Image
+
+    from medclf.data.store import _to_channels, decode_image
+
+    example = runpy.run_path(str(EXAMPLE))
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 60000 if mode == "I;16" else 256, (30, 40, 4 if "A" in mode else 3))
+    if mode in ("RGB", "RGBA"):
+        img = Image.fromarray(pixels[..., :len(mode)].astype(np.uint8), mode)
+    elif mode == "I;16":
+        img = Image.fromarray(pixels[..., 0].astype(np.uint16))  # Pillow picks I;16
+    else:
+        img = Image.fromarray(pixels[..., :3].astype(np.uint8), "RGB").convert(mode)
+    img.save(tmp_path / "x.png")
+    expected = _to_channels(decode_image(str(tmp_path / "x.png"), 16), channels)
+    np.testing.assert_array_equal(example["decode"](tmp_path / "x.png", 16, channels), expected)
+
+
+def test_exported_output_follows_the_checkpoints_task(tiny_run):
+    from medclf.exporting import Deployable, example_input
+    from medclf.inference import preprocess
+    from medclf.models import load_model
+
+    model, ckpt = load_model(tiny_run)
+    images = example_input(ckpt)
+    with torch.no_grad():
+        logits = model(preprocess(ckpt, images))
+        torch.testing.assert_close(Deployable(model, ckpt)(images), logits.softmax(1))
+        torch.testing.assert_close(Deployable(model, {**ckpt, "task": "multi-label"})(images), logits.sigmoid())
