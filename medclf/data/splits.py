@@ -73,3 +73,22 @@ def patient_groups(paths: Sequence[str | os.PathLike]) -> list[str] | None:
             return None
         groups.append(match.group(1))
     return groups or None
+
+
+def grouped_holdout(labels: np.ndarray, groups: Sequence[str], fraction: float, seed: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held out) holding out about `fraction` of the images, every group wholly on one side,
+    stratified by label as far as the groups allow (scikit-learn's StratifiedGroupKFold: one fold is held out)."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold  # imported where used: slow to import
+
+    n_splits = max(2, round(1 / fraction))
+    if len(set(groups)) < n_splits:
+        raise MedclfError(f"{len(set(groups))} patient(s) are too few to hold out {fraction:.0%} of them grouped; "
+                          "add images or give a larger validation split")
+    cutter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # a class smaller than n_splits is fine for one held-out fold
+        warnings.simplefilter("ignore", UserWarning)
+        kept, held = next(cutter.split(np.zeros(len(labels)), labels, list(groups)))
+    return np.sort(kept), np.sort(held)
