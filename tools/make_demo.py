@@ -3,7 +3,7 @@
 A stratified draw, with a fixed seed, from PneumoniaMNIST's official train+val images (28 px), byte-identical
 images dropped first so that no image sits in two splits. Usage:
 
-    python tools/make_demo.py [../shared/datasets/pneumoniamnist_28_trainval.npz]
+    python tools/make_demo.py [../shared/datasets/pneumoniamnist_28_trainval.npz [OUT.npz]]
 """
 from __future__ import annotations
 
@@ -41,17 +41,17 @@ def draw(images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     return arrays
 
 
-def main(source: Path) -> None:
+def main(source: Path, out: Path = OUT) -> None:
     archive = np.load(source)
     images = np.concatenate([archive["train_images"], archive["val_images"]])
     labels = np.concatenate([archive["train_labels"], archive["val_labels"]]).ravel()
     images, labels = unique_images(images, labels)
     arrays = draw(images, labels)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(OUT, **arrays)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **arrays)
     counts = {s: np.bincount(arrays[f"{s}_labels"].ravel()).tolist() for s in SIZES}
-    print(f"{OUT}: {OUT.stat().st_size / 1024:.0f} KiB, images per split [normal, pneumonia]: {counts}")
+    print(f"{out}: {out.stat().st_size / 1024:.0f} KiB, images per split [normal, pneumonia]: {counts}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_SOURCE)
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_SOURCE, *map(Path, sys.argv[2:3]))
