@@ -130,6 +130,11 @@ def test_kermany_layout_resplits_tiny_val_grouped_by_patient(tmp_path, capsys):
                 for s, part in (("train", train), ("val", val))}
     assert patients["val"] and not patients["train"] & patients["val"]
     assert {r["label"] for r in val} == {"NORMAL", "PNEUMONIA"}
+    from medclf import inference, models
+
+    ckpt = models.load_model(run / "model.pt")[1]
+    again = inference.open_data(ckpt, str(data))  # what evaluate/report open: the same re-split val
+    assert sorted(again.splits["val"].ids) == sorted(r["id"] for r in val)
     import yaml
 
     assert "grouped by patient" in yaml.safe_load((run / "plan.yaml").read_text())["splits"]["val"]
