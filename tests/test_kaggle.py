@@ -266,6 +266,20 @@ def test_kaggle_folder_placed_by_hand_needs_no_network(tmp_path, monkeypatch):
     assert source.classes == ["NORMAL", "PNEUMONIA"] and source.root.name == "chest_xray"
 
 
+def test_mask_folder_beside_classes_is_not_a_class(tmp_path, capsys):
+    from conftest import write_class_folders
+
+    data = write_class_folders(tmp_path / "d", {"a": 10, "b": 10, "Masks": 10})
+    assert sources.open_source(data).classes == ["a", "b"]
+    assert "1 mask folder(s) not read as images (Masks)" in capsys.readouterr().err
+
+
+def test_datasets_command_names_the_kaggle_form(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MEDCLF_DATA", str(tmp_path))
+    assert main(["datasets"]) == 0
+    assert "kaggle:OWNER/SLUG      any Kaggle dataset" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", ["kaggle:", "kaggle:justone", "kaggle:a/b/c", "kaggle:a b/c"])
 def test_bad_kaggle_name_is_one_line(name, capsys):
     assert main(["plan", name]) == 2

@@ -86,7 +86,8 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 def _read_class_folders(folder: Path) -> dict[str, list[str]]:
     """{class name: [image paths]} for a folder of class sub-folders."""
-    classes, masks = {}, []
+    classes = {}
+    masks = [d for d in folder.iterdir() if d.is_dir() and d.name.lower() in MASK_FOLDERS]
     for d in _class_dirs(folder):
         files = [str(p) for p in list_images(d, masks)]
         if not files:
