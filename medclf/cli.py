@@ -241,6 +241,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"decoded stores: {cache_root(None)} ({human_bytes(total_bytes(cache_root(None)))}; `medclf cache`)")
         for row in available():
             print(f"{row['name']:<22} {row['classes']:>3} classes  {'cached' if row['cached'] else '-':<7} {row['task']}")
+        print(f"kaggle:OWNER/SLUG      any Kaggle dataset, downloaded with your Kaggle credentials into "
+              f"{data_home() / 'kaggle'}")
     elif args.command == "cache":
         cache_command(args.action, args.cache_dir, args.max_size)
     elif args.command == "serve":

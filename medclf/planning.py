@@ -65,6 +65,7 @@ def fingerprint(source: sources.Source, sample: int = HEADER_SAMPLE) -> dict[str
         "images": {s: int(sum(c.values())) for s, c in counts.items()},
         "imbalance_ratio": round(max(present) / min(present), 3) if present else None,
         "generated_splits": dict(source.generated_splits),
+        "planned_budget": source.planned_budget,
     }
     if source.kind == "npz":
         archive = source.load_npz()
@@ -327,7 +328,7 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
               probe_seconds: float = 8.0) -> dict[str, Any]:
     """Settings with reasons. `fixed`: settings the user chose (they win and skip the matching decisions)."""
     fixed = dict(fixed or {})
-    budget = float(fixed.get("time_budget") or time_budget or DEFAULT_BUDGET)
+    budget = float(fixed.get("time_budget") or time_budget or fp.get("planned_budget") or DEFAULT_BUDGET)
     n_train = int(fp["images"].get("train", 0))
     n_val = int(fp["images"].get("val", max(1, n_train // 10)))
     k = int(fp["num_classes"])
@@ -347,7 +348,8 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
     decide("model", base["arch"] if base else "resnet18",
            "architecture of the base model" if base else
            "ResNet-18: the accuracy/compute sweet spot for small medical sets (34/50 rarely pay on CPU budgets)")
-    decide("time_budget", budget, f"{budget:g} min default; the schedule is finished early to end there")
+    default_why = ("the sample's own short budget" if fp.get("planned_budget") and not time_budget else "default")
+    decide("time_budget", budget, f"{budget:g} min {default_why}; the schedule is finished early to end there")
     decide("batch_size", _batch_size(n_train), f"{n_train} training images: enough optimizer steps per epoch "
                                                f"and an efficient batch")
     imbalance = fp.get("imbalance_ratio") or 1.0
@@ -466,7 +468,8 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
     settings = {name: settings[name] for name in PLANNED}
     reasons = {name: reasons[name] for name in PLANNED}
     return {"settings": settings, "reasons": reasons, "probe": probes, "min_epochs": min_epochs,
-            "time_budget": budget, "data": fp.get("data")}
+            "time_budget": budget, "data": fp.get("data"),
+            "splits": dict(fp.get("generated_splits") or {})}  # how medclf made splits the data lacks, and why
 
 
 def format_plan(plan: dict[str, Any], fp: dict[str, Any]) -> str:
@@ -481,6 +484,8 @@ def format_plan(plan: dict[str, Any], fp: dict[str, Any]) -> str:
         lines.append(f"probe: {p['stem']} stem {p['size']} px: {p['train_img_per_s']:.0f} img/s train, "
                      f"{p['infer_img_per_s']:.0f} img/s inference → {p['epoch_s']:.0f} s/epoch, {p['epochs_in_budget']} "
                      f"epoch(s) in budget")
+    for split, how in plan.get("splits", {}).items():
+        lines.append(f"split {split}: {how}")
     width = max(len(k) for k in plan["settings"])
     for name, value in plan["settings"].items():
         lines.append(f"  {name:<{width}}  {str(value):<8}  {plan['reasons'][name]}")

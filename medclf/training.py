@@ -494,7 +494,8 @@ def apply_plan(cfg: TrainConfig, source: sources.Source, base: dict | None, expl
         fixed["weights"] = cfg.weights
     if cfg.refit:
         fixed["refit"] = True
-    result = make_plan(fp, cfg.time_budget, base, fixed, cfg.device)
+    # a budget no one gave is the plan's choice (the data's own, such as the demo's short one, or the default)
+    result = make_plan(fp, cfg.time_budget if "time_budget" in explicit else None, base, fixed, cfg.device)
     result["fingerprint"] = fp
     for name, value in result["settings"].items():
         if name not in explicit:

@@ -17,6 +17,13 @@ MEDNIST = {
     "folder": "MedNIST",
 }
 MEDMNIST_SIZES = (28, 64, 128, 224)
+# the offline demo: a PneumoniaMNIST sample shipped inside the package (medclf/demo/README.txt: licence, citations)
+DEMO = {
+    "name": "demo",
+    "file": Path(__file__).resolve().parent.parent / "demo" / "pneumoniamnist_demo.npz",
+    "classes": ["normal", "pneumonia"],
+    "time_budget": 0.5,  # minutes: with setup and the final evaluation, `medclf train demo` ends in about a minute
+}
 
 
 def data_home() -> Path:
@@ -40,12 +47,15 @@ def parse_name(name: str) -> tuple[str, int]:
 def is_named(name: str) -> bool:
     base, _ = parse_name(name) if "/" not in name else ("", 0)
     # MedMNIST names end in "mnist": other missing paths are reported without importing medmnist
-    return base == "mednist" or (base.endswith("mnist") and base in _medmnist_info())
+    return base in ("mednist", DEMO["name"]) or (base.endswith("mnist") and base in _medmnist_info())
 
 
 def available() -> list[dict]:
     """Every named dataset with its cache state, for `medclf datasets`."""
-    rows = [{"name": "mednist", "classes": 6, "file": MEDNIST["filename"],
+    rows = [{"name": DEMO["name"], "classes": len(DEMO["classes"]), "file": str(DEMO["file"]),
+             "cached": DEMO["file"].is_file(), "task": "binary-class (offline demo: 500 PneumoniaMNIST images, ships "
+                                                        "with medclf)"}]
+    rows += [{"name": "mednist", "classes": 6, "file": MEDNIST["filename"],
              "cached": (data_home() / MEDNIST["folder"]).is_dir(), "task": "multi-class"}]
     for base, info in _medmnist_info().items():
         for size in MEDMNIST_SIZES:
@@ -56,6 +66,11 @@ def available() -> list[dict]:
     return rows
 
 
+def planned_budget(name: str) -> float | None:
+    """Minutes the plan gives a named dataset when no budget is given: the demo's short one; None: the default."""
+    return DEMO["time_budget"] if parse_name(name)[0] == DEMO["name"] else None
+
+
 def _medmnist_file(base: str, size: int) -> str:
     return f"{base}.npz" if size == 28 else f"{base}_{size}.npz"
 
@@ -64,6 +79,10 @@ def fetch(name: str) -> tuple[Path, list[str] | None]:
     """Path of the dataset (downloaded if needed) and its class names."""
     base, size = parse_name(name)
     home = data_home()
+    if base == DEMO["name"]:
+        if size != 28:
+            raise MedclfError(f"the demo sample comes at 28 px only, not {size}")
+        return DEMO["file"], list(DEMO["classes"])
     if base == "mednist":
         folder = home / MEDNIST["folder"]
         if not folder.is_dir():

@@ -16,10 +16,15 @@ from ..errors import MedclfError
 from . import dicom, named, npz, splits
 from .groups import find_groups
 
+KAGGLE_PREFIX = "kaggle:"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
 SPLIT_NAMES = ("train", "val", "test")
 # settings that say how to read DATA beyond its path (TrainConfig fields of the same names; None: detect)
 DATA_OPTIONS = ("images", "path_col", "label_col", "split_col", "group_col", "group_pattern")
+# sub-folders never read as images: segmentation masks (the COVID-19 Radiography Database keeps masks/ beside each
+# class's images/) and macOS archive metadata; hidden folders too
+MASK_FOLDERS = {"mask", "masks", "segmentation", "segmentations", "labels"}
+SKIPPED_FOLDERS = MASK_FOLDERS | {"__macosx"}
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Source:
     generated_splits: dict[str, str] = field(default_factory=dict)  # split -> how it was made
     pixel_rules: dict[str, str] = field(default_factory=dict)  # npz array -> how it becomes uint8 (npz.py)
     grouping: str | None = None  # where the splits' groups (patients) came from; None: no groups known
+    planned_budget: float | None = None  # minutes the plan uses when none is given (the offline demo's short one)
 
     def load_npz(self):
         return np.load(self.root, mmap_mode="r")
@@ -67,23 +73,38 @@ def is_image_file(path: Path) -> bool:
             or (dicom.may_be_dicom(path) and dicom.has_preamble(path)))
 
 
-def list_images(folder: Path) -> list[Path]:
-    """All image files under folder, recursively, in a stable order."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+def is_skipped_folder(name: str) -> bool:
+    return name.startswith(".") or name.lower() in SKIPPED_FOLDERS
+
+
+def list_images(folder: Path, skipped: list[Path] | None = None) -> list[Path]:
+    """All image files under folder, recursively, in a stable order; mask/metadata folders below it are not
+    entered (appended to `skipped` when given)."""
+    found = []
+    for where, dirs, files in os.walk(folder, followlinks=True):
+        if skipped is not None:
+            skipped += [Path(where) / d for d in dirs if d.lower() in MASK_FOLDERS]
+        dirs[:] = [d for d in dirs if not is_skipped_folder(d)]
+        found += [p for p in (Path(where) / f for f in files) if is_image_file(p) and p.is_file()]
+    return sorted(found)
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not is_skipped_folder(d.name))
 
 
 def _read_class_folders(folder: Path) -> dict[str, list[str]]:
     """{class name: [image paths]} for a folder of class sub-folders."""
     classes = {}
+    masks = [d for d in folder.iterdir() if d.is_dir() and d.name.lower() in MASK_FOLDERS]
     for d in _class_dirs(folder):
-        files = [str(p) for p in list_images(d)]
+        files = [str(p) for p in list_images(d, masks)]
         if not files:
             raise MedclfError(f"class folder has no images: {d}")
         classes[d.name] = files
+    if masks:
+        notice(f"{len(masks)} mask folder(s) not read as images ({', '.join(str(m.relative_to(folder)) for m in masks[:4])}"
+               f"{', ...' if len(masks) > 4 else ''}): segmentation masks are not training images")
     if not classes:
         raise MedclfError(f"no class sub-folders in {folder} (expected {folder}/<class>/<image>)")
     return classes
@@ -193,7 +214,10 @@ def notice(message: str) -> None:
 
 
 def ensure_val_split(source: Source, val_fraction: float, seed: int) -> None:
-    """Carve a stratified validation split out of train when the data has none."""
+    """Carve a stratified validation split out of train when the data has none (or one too small to select on)."""
+    from . import layouts  # layouts builds on this module
+
+    layouts.resplit_small_val(source, val_fraction, seed)
     if "val" in source.splits or "train" not in source.splits:
         return
     train = source.splits["train"]
@@ -227,9 +251,14 @@ def open_source(data: str | os.PathLike, classes: list[str] | None = None, seed:
     text = str(data)
     path = Path(text).expanduser()
     class_names = None
-    if not path.exists():
+    if not path.exists() and text.startswith(KAGGLE_PREFIX):
+        from . import kaggle  # imported where used: it imports kagglehub
+
+        path = kaggle.fetch(text)
+    elif not path.exists():
         if not named.is_named(text):
-            raise MedclfError(f"data not found: {text} (a folder, an .npz file, or a dataset name from `medclf datasets`)")
+            raise MedclfError(f"data not found: {text} (a folder, an .npz file, kaggle:OWNER/SLUG, or a dataset name "
+                              "from `medclf datasets`)")
         path, class_names = named.fetch(text)
     if table.is_table(path):
         return table.open_table(path, classes, seed, val_fraction, test_fraction, **options)
@@ -237,11 +266,16 @@ def open_source(data: str | os.PathLike, classes: list[str] | None = None, seed:
     if table_only:
         raise MedclfError(f"{table.flag(table_only[0])} applies to a CSV/TSV label file; {text} is none")
     if path.is_dir():
-        return open_folder(path, classes, seed, val_fraction, test_fraction, options.get("group_pattern"))
+        from . import layouts
+
+        return open_folder(layouts.dataset_root(path), classes, seed, val_fraction, test_fraction,
+                           options.get("group_pattern"))
     if path.suffix.lower() == ".npz":
         if options:
             raise MedclfError(f"--group-pattern applies to image files; {text} is an .npz file")
-        return open_npz(path, classes, class_names)
+        source = open_npz(path, classes, class_names)
+        source.planned_budget = named.planned_budget(text) if class_names is not None else None
+        return source
     raise MedclfError(f"unsupported data {path}: expected a folder of images, a .csv/.tsv label file or an .npz file")
 
 
