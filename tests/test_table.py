@@ -232,3 +232,14 @@ def test_cross_validation_folds_keep_a_label_files_patients_together(tmp_path, c
     for r in csv.DictReader(open(out / "oof.csv")):
         folds[group[r["id"]]].add(r["fold"])
     assert len(folds) >= 4 and all(len(f) == 1 for f in folds.values())
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"path,label\n", "has no rows; expected a header line"),
+    (b"\xff\xfe\x00binary", "not UTF-8 text"),
+])
+def test_empty_or_binary_label_files_are_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "labels.csv").write_bytes(content)
+    assert main(["plan", str(tmp_path / "labels.csv"), "--out", "-", "--no-probe"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
