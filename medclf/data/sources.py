@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import MedclfError
 from . import named, npz, splits
 
+MULTICLASS, MULTILABEL = "multi-class", "multi-label"  # Source.task: one label per image, or several (N×L 0/1)
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -23,7 +24,7 @@ SPLIT_NAMES = ("train", "val", "test")
 class Split:
     """One split: labels plus either file paths (folders) or row indices into an npz array."""
 
-    labels: np.ndarray  # int64, -1 where unknown
+    labels: np.ndarray  # int64 N, -1 where unknown; multi-label: int64 N×L of 0/1
     paths: list[str] | None = None
     npz_key: str | None = None  # e.g. "train" for train_images
     rows: np.ndarray | None = None
@@ -49,6 +50,7 @@ class Source:
     splits: dict[str, Split] = field(default_factory=dict)
     generated_splits: dict[str, str] = field(default_factory=dict)  # split -> how it was made
     pixel_rules: dict[str, str] = field(default_factory=dict)  # npz array -> how it becomes uint8 (npz.py)
+    task: str = MULTICLASS  # MULTILABEL: labels are N×L 0/1 and `classes` names the L labels
 
     def load_npz(self):
         return np.load(self.root, mmap_mode="r")
@@ -148,8 +150,11 @@ def open_npz(path: Path, classes: list[str] | None, class_names: list[str] | Non
     converted = sorted({r for r in rules.values() if r != npz.AS_IS})
     if converted:
         notice(f"{path.name}: images converted to uint8 ({'; '.join(converted)})")
-    source = Source(path.stem, "npz", path, npz.check_classes(path, label_sets, classes, class_names))
+    multilabel = any(v.ndim == 2 for v in label_sets.values())
+    check = npz.check_label_columns if multilabel else npz.check_classes
+    source = Source(path.stem, "npz", path, check(path, label_sets, classes, class_names))
     source.pixel_rules = rules
+    source.task = MULTILABEL if multilabel else MULTICLASS
     for s, labels in label_sets.items():
         source.splits[s] = Split(labels=labels, npz_key=s, rows=np.arange(len(labels)))
     return source

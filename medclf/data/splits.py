@@ -14,7 +14,12 @@ from ..errors import MedclfError
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Indices for train/val(/test), stratified by label; classes too small to stratify fall back to random."""
+    """Indices for train/val(/test), stratified by label; classes too small to stratify fall back to random.
+
+    Multi-label labels (N×L) are stratified on the label set (each distinct 0/1 row is a stratum); with a
+    label set of one image, as usual for many findings, the split is random."""
+    if labels.ndim == 2:
+        labels = np.unique(labels, axis=0, return_inverse=True)[1].reshape(-1)
     idx = np.arange(len(labels))
     parts: dict[str, np.ndarray] = {}
     held = val_fraction + test_fraction
@@ -53,7 +58,14 @@ def write_split_file(path: Path, split_ids: dict[str, list[str]], split_labels: 
         writer.writerow(["split", "id", "label"])
         for split, ids in split_ids.items():
             for i, label in zip(ids, split_labels[split]):
-                writer.writerow([split, i, classes[label] if label >= 0 else ""])
+                writer.writerow([split, i, label_text(label, classes)])
+
+
+def label_text(label: np.ndarray | int, classes: list[str]) -> str:
+    """A label as written in files: the class name, or for multi-label the positive labels joined by "|"."""
+    if np.ndim(label) == 1:
+        return "|".join(c for c, on in zip(classes, label) if on)
+    return classes[label] if label >= 0 else ""
 
 
 # Kermany et al. (2018) chest X-ray names carry the patient: person1028_bacteria_2959.jpeg, IM-0213-0001.jpeg,
