@@ -131,8 +131,8 @@ def specificity_of(c: int) -> Metric:
 def metric_functions(classes: list[str], multilabel: bool = False) -> dict[str, Metric]:
     """The compared metrics by name: the headline four, then recall_<class> for every class.
     Multi-label: the threshold-free ones (macro and micro AUC, macro AP), then auc_<label> for every label."""
-    if multilabel:
-        return multilabel_functions(classes)
+    if multilabel:  # label accuracy needs each run's own thresholds: the compared metrics are threshold-free
+        return {name: f for name, f in multilabel_functions(classes).items() if name != "accuracy"}
     funcs: dict[str, Metric] = {"accuracy": accuracy, "balanced_accuracy": balanced_accuracy, "auc": auc,
                                 "f1_macro": f1_macro}
     funcs.update({f"recall_{name}": recall_of(i) for i, name in enumerate(classes)})

@@ -190,13 +190,15 @@ def arm_curves_figure(histories: dict[str, list[dict[str, list[float]]]]) -> Fig
 
 
 def arm_roc_figure(labels: np.ndarray, probs_by_arm: dict[str, np.ndarray], classes: list[str], title: str) -> Figure:
-    """One ROC curve per arm: on the positive class (binary) or micro-averaged one-vs-rest."""
+    """One ROC curve per arm: on the positive class (binary) or micro-averaged one-vs-rest (multi-label: over labels)."""
     from sklearn.metrics import roc_curve
 
     fig, ax = new_figure((5.2, 5))
     k = len(classes)
     for i, (arm, probs) in enumerate(probs_by_arm.items()):
-        if k == 2:
+        if labels.ndim == 2:
+            fpr, tpr, _ = roc_curve(labels.ravel(), probs.ravel())
+        elif k == 2:
             if len(np.unique(labels)) < 2:
                 continue
             fpr, tpr, _ = roc_curve(labels == 1, probs[:, 1])
