@@ -72,6 +72,26 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", dest="cache", action="store_const", const=False, help="do not cache decoded images")
     p.add_argument("--cache-dir", help="decoded-image cache (default $MEDCLF_DATA/stores)")
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<data>-<6 hex>)")
+    add_data_flags(p)
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """How to read DATA beyond its path: a label file's columns and image folder, the patient in file names."""
+    p.add_argument("--images", metavar="DIR", help="label file: folder its relative paths start from "
+                   "(default: the file's folder)")
+    p.add_argument("--path-col", metavar="NAME", help="label file: the image path column (default: detected)")
+    p.add_argument("--label-col", metavar="NAME", help="label file: the label column (default: detected)")
+    p.add_argument("--split-col", metavar="NAME", help="label file: the train/val/test column (default: detected)")
+    p.add_argument("--group-col", metavar="NAME", help="label file: the patient/study column (default: detected)")
+    p.add_argument("--group-pattern", metavar="REGEX",
+                   help="the patient in each file name (first capture group, else the match); splits keep a patient "
+                        "together")
+
+
+def data_flags(args: argparse.Namespace) -> dict:
+    from .data.sources import DATA_OPTIONS
+
+    return {k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k, None) is not None}
 
 
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
@@ -85,20 +105,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a classifier on DATA")
-    p.add_argument("data", nargs="?", help="folder, .npz, or dataset name (see `medclf datasets`)")
+    p.add_argument("data", nargs="?", help="folder, .csv/.tsv label file, .npz, or dataset name (see `medclf datasets`)")
     add_train_flags(p)
     p.add_argument("--config", help="config.yaml of an earlier run (flags override it)")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
 
     p = sub.add_parser("plan", help="fingerprint DATA and plan its training (size, stem, epochs for the time budget, ...)")
-    p.add_argument("data", help="folder, .npz, or dataset name (see `medclf datasets`)")
+    p.add_argument("data", help="folder, .csv/.tsv label file, .npz, or dataset name (see `medclf datasets`)")
     p.add_argument("--time-budget", type=float, metavar="MIN", help="training minutes to plan for (default 10)")
     p.add_argument("--weights", help="PATH to a medclf model.pt to fine-tune: its size and stem are inherited")
     p.add_argument("--out", default="plan.yaml", help="where to save the plan (default plan.yaml; '-' for none)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-probe", dest="probe", action="store_false", help="skip the timing probe")
+    add_data_flags(p)
 
     p = sub.add_parser("evaluate", help="metrics of a trained model on a split of DATA")
     p.add_argument("model", metavar="RUN_OR_MODEL")
@@ -107,6 +128,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true")
     p.add_argument("--out", help="write the metrics JSON here")
     add_inference_flags(p)
+    add_data_flags(p)
 
     p = sub.add_parser("predict", help="class probabilities for images, folders, or a split of DATA")
     p.add_argument("model", metavar="RUN_OR_MODEL")
@@ -117,7 +139,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_inference_flags(p)
 
     p = sub.add_parser("compare", help="train arms × seeds on DATA and compare them on the same images")
-    p.add_argument("data", help="folder, .npz, or dataset name")
+    p.add_argument("data", help="folder, .csv/.tsv label file, .npz, or dataset name")
     add_train_flags(p)  # shared by every arm; --weights A,B,... makes one arm per value, --out is the comparison folder
     p.add_argument("--arms", metavar="YAML", help="named flag sets, e.g. {head: {finetune: head}, full: {finetune: full}}")
     p.add_argument("--seeds", type=int, default=3, help="runs per arm, seeds SEED..SEED+N-1 (default 3)")
@@ -155,10 +177,11 @@ def run(args: argparse.Namespace) -> int:
         medclf.train(args.config, force=args.force, resume=args.resume, **flags)
     elif args.command == "plan":
         medclf.plan(args.data, time_budget=args.time_budget, out=None if args.out == "-" else args.out,
-                    weights=args.weights or "none", device=args.device, seed=args.seed, do_probe=args.probe)
+                    weights=args.weights or "none", device=args.device, seed=args.seed, do_probe=args.probe,
+                    **data_flags(args))
     elif args.command == "evaluate":
         result = medclf.evaluate(args.model, args.data, split=args.split, tta=args.tta, out=args.out,
-                                 device=args.device, skip_bad=args.skip_bad)
+                                 device=args.device, skip_bad=args.skip_bad, **data_flags(args))
         print(json.dumps(result, indent=2))
     elif args.command == "predict":
         rows = medclf.predict(args.model, args.inputs, split=args.split, out=args.out, tta=args.tta,

@@ -7,6 +7,7 @@ the runs' out-of-fold predictions when all ran with --folds, else their predicti
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -57,7 +58,10 @@ def compare(data: str, weights: str | list[str] | None = None, arms: str | Path 
     out = Path(out) if out else rundir.default_run_dir(f"compare-{Path(str(data)).stem}")
     out.mkdir(parents=True, exist_ok=True)
     data_used, split_note = fixed_splits(data, out, base_seed, common.get("val_fraction", defaults.val_fraction),
-                                         common.get("test_fraction", defaults.test_fraction), force=force)
+                                         common.get("test_fraction", defaults.test_fraction), force=force,
+                                         **sources.data_options(common))
+    if Path(data_used).suffix == ".csv" and data_used != str(data):  # the split label file names its own columns
+        common = {k: v for k, v in common.items() if k not in sources.DATA_OPTIONS}
     seed_list = [base_seed + k for k in range(seeds)]
     run_dirs = {arm: [out / f"{arm}-seed{s}" for s in seed_list] for arm in arm_flags}
     total, done = len(arm_flags) * seeds, 0
@@ -142,23 +146,26 @@ SPLIT_RECORD = ".complete"  # inside OUT/data; beside OUT/data.npz as data.npz.c
 
 
 def fixed_splits(data: str, out: Path, seed: int, val_fraction: float, test_fraction: float,
-                 force: bool = False) -> tuple[str, str | None]:
+                 force: bool = False, **options: str) -> tuple[str, str | None]:
     """DATA whose val/test splits would depend on each run's seed, made once and shared by all runs.
 
     Class folders (no train/val/test) and data without val are split with the base seed into
     OUT/data/<split>/<class>/ (symlinks) or OUT/data.npz, so every arm and seed trains on the same
     images and is tested on the same held-out images. The split records the DATA, seed and fractions it
     was made from: a later compare into the same OUT reuses it only when they match, and rebuilds it
-    on a mismatch only with `force`. Returns (DATA to use, a note or None).
+    on a mismatch only with `force`. A label file's split is OUT/data.csv (path, label, split, group), so its
+    patients stay grouped. Returns (DATA to use, a note or None).
     """
-    source = sources.open_source(data, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    source = sources.open_source(data, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, **options)
     sources.ensure_val_split(source, val_fraction, seed)
     if not source.generated_splits:
         return str(data), None
     how = "; ".join(f"{s}: {h}" for s, h in source.generated_splits.items())
     record = {"data": str(Path(source.root).resolve()), "seed": seed, "val_fraction": val_fraction,
               "test_fraction": test_fraction, "how": how}
-    if source.kind == "folder":
+    if source.kind == "folder" and source.root.is_file():
+        path, marker, build = out / "data.csv", out / f"data.csv{SPLIT_RECORD}", _write_split_table
+    elif source.kind == "folder":
         path, marker, build = out / "data", out / "data" / SPLIT_RECORD, _link_split_folders
     else:
         path, marker, build = out / "data.npz", out / f"data.npz{SPLIT_RECORD}", _write_split_npz
@@ -216,6 +223,22 @@ def _link_split_folders(source: sources.Source, root: Path, marker: Path, record
         raise
 
 
+def _write_split_table(source: sources.Source, path: Path, marker: Path, record: str) -> None:
+    """OUT/data.csv: every image's absolute path, label, split and group; its record is written first, as for npz."""
+    atomic.write_text(marker, record)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "label", "split", "group"])
+            for name, split in source.splits.items():
+                groups = split.groups or [""] * len(split)
+                for p, label, group in zip(split.paths, split.labels, groups):
+                    writer.writerow([str(Path(p).resolve()), source.classes[label], name, group])
+
+    atomic.write_with(path, save)
+
+
 def _write_split_npz(source: sources.Source, path: Path, marker: Path, record: str) -> None:
     """OUT/data.npz; its record is written first, so a record without the file just means: build it."""
     atomic.write_text(marker, record)
@@ -254,7 +277,7 @@ def _train_or_reuse(data: str, run_dir: Path, settings: dict, force: bool, progr
 def evaluate_arms(data: str, run_dirs: dict[str, list[Path]], arm_flags: dict, seed_list: list[int], common: dict,
                   n_boot: int) -> tuple[dict, dict[str, np.ndarray], np.ndarray, list[str]]:
     """Every run's predictions on the same images; per-arm mean ± std and pairwise tests."""
-    split, compared_on = compared_predictions(data, run_dirs)
+    split, compared_on = compared_predictions(data, run_dirs, sources.data_options(common))
     ids = labels = classes = None
     arms: dict[str, dict] = {}
     pooled: dict[str, np.ndarray] = {}
@@ -293,14 +316,14 @@ def evaluate_arms(data: str, run_dirs: dict[str, list[Path]], arm_flags: dict, s
     return result, pooled, labels, classes
 
 
-def compared_predictions(data: str, run_dirs: dict[str, list[Path]]) -> tuple[str, str]:
+def compared_predictions(data: str, run_dirs: dict[str, list[Path]], options: dict | None = None) -> tuple[str, str]:
     """(split, in words) of the predictions the arms are compared on: out-of-fold when every run has them,
     else a split of DATA none of the runs trained on."""
     with_folds = [(d / OOF_FILE).is_file() for dirs in run_dirs.values() for d in dirs]
     if all(with_folds):
         return OUT_OF_FOLD, ("the runs' out-of-fold predictions: every train and val image predicted by the fold "
                              "model that left it out of training")
-    splits = sources.open_source(data).splits
+    splits = sources.open_source(data, **(options or {})).splits
     if not any(with_folds):
         split = "test" if "test" in splits else "val"
         return split, f"each run's model predicting the {split} split"

@@ -127,6 +127,13 @@ class TrainConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     out: str | None = None
+    # how to read DATA beyond its path (sources.DATA_OPTIONS); None: detected
+    images: str | None = None  # folder a label file's relative paths start from (default: the file's folder)
+    path_col: str | None = None  # label-file columns, by header name
+    label_col: str | None = None
+    split_col: str | None = None
+    group_col: str | None = None
+    group_pattern: str | None = None  # regex on file names whose first group (or match) is the patient
 
     def validate(self) -> "TrainConfig":
         """Every setting checked for type and range (paths become text); MedclfError names the first bad one."""
@@ -134,6 +141,10 @@ class TrainConfig:
             setattr(self, f.name, check_setting(f.name, getattr(self, f.name)))
         if self.folds == 1:
             raise MedclfError("--folds must be 0 (no cross-validation) or at least 2 (got 1)")
+        if self.group_pattern is not None:
+            from .data.groups import compile_pattern  # the pattern is checked before any data is read
+
+            compile_pattern(self.group_pattern)
         if self.val_fraction + self.test_fraction >= 1:
             raise MedclfError(f"val_fraction + test_fraction must be < 1, to leave images to train on "
                               f"(got {self.val_fraction:g} + {self.test_fraction:g})")

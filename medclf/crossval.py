@@ -21,7 +21,7 @@ import torch
 
 from . import atomic, models
 from .config import TrainConfig
-from .data import sources, splits
+from .data import sources
 from .data.store import Store
 from .errors import MedclfError
 from .evaluation import choose_threshold
@@ -76,7 +76,7 @@ def train_folds(cfg: TrainConfig, source, stores: dict[str, Store], spec: dict, 
     k = cfg.folds
     everything, origin = pool(stores)
     labels = everything.labels.numpy()
-    groups = splits.patient_groups(everything.ids) if source.kind == "folder" else None
+    groups = sources.groups_of(source, everything.ids)
     fold = assign_folds(labels, groups, k, cfg.seed)
     n_models = k + int(cfg.refit)
     # a fold's held-out images must choose nothing: no early stopping on them, no best epoch, the whole schedule

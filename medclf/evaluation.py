@@ -16,12 +16,14 @@ from .serialize import json_safe
 
 
 def evaluate(run_or_model: str, data: str, split: str = "test", tta: bool = False, out: str | None = None,
-             device: str = "auto", precision: str = "auto", skip_bad: bool = False, cache: bool = True) -> dict:
-    """Metrics of a trained model on one split of DATA: {split: {...}} (the metrics.json schema)."""
+             device: str = "auto", precision: str = "auto", skip_bad: bool = False, cache: bool = True,
+             **data_options: str | None) -> dict:
+    """Metrics of a trained model on one split of DATA: {split: {...}} (the metrics.json schema).
+    `data_options` (label-file columns, images, group_pattern) override those the run trained with."""
     out_path = output_file(out, "--out", "the metrics JSON") if out else None
     loaded = load_for_inference(run_or_model, device, precision)
     ckpt = loaded.ckpt
-    store, _ = split_store(ckpt, data, split, skip_bad, cache)
+    store, _ = split_store(ckpt, data, split, skip_bad, cache, data_options)
     probs = loaded.predict(store, tta=tta, desc=f"evaluate {split}")
     result = {split: evaluate_predictions(store.labels.numpy(), probs, ckpt["classes"], tasks.decision_threshold(ckpt))}
     result[split]["tta"] = tta

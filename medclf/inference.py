@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import runtime, tasks
-from .data import sources
+from .data import dicom, sources
 from .data.augment import prepare_batch
 from .data.store import Store, build_store, native_size
 from .errors import MedclfError
@@ -98,12 +98,13 @@ def predict_store(model: nn.Module, store: Store, ckpt: dict[str, Any], device: 
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, ckpt["num_classes"]), np.float32)
 
 
-def open_data(ckpt: dict[str, Any], data: str) -> sources.Source:
-    """DATA opened with the training run's split settings, its validation split carved out of train as train did."""
-    cfg = ckpt.get("config", {})
+def open_data(ckpt: dict[str, Any], data: str, options: dict | None = None) -> sources.Source:
+    """DATA opened with the training run's split settings, its validation split carved out of train as train did.
+    `options` (sources.DATA_OPTIONS) override the run's own."""
+    cfg = {**ckpt.get("config", {}), **(options or {})}
     seed, val_fraction = cfg.get("seed", 0), cfg.get("val_fraction", 0.1)
     source = sources.open_source(data, classes=ckpt["classes"], seed=seed, val_fraction=val_fraction,
-                                 test_fraction=cfg.get("test_fraction", 0.1))
+                                 test_fraction=cfg.get("test_fraction", 0.1), **sources.data_options(cfg))
     sources.ensure_val_split(source, val_fraction, seed)
     if source.task != tasks.task_of(ckpt):
         raise MedclfError(f"{data} is a {source.task} dataset but the model was trained for a {tasks.task_of(ckpt)} task")
@@ -111,13 +112,14 @@ def open_data(ckpt: dict[str, Any], data: str) -> sources.Source:
 
 
 def split_store(ckpt: dict[str, Any], data: str | sources.Source, split: str, skip_bad: bool = False,
-                cache: bool = True) -> tuple[Store, str]:
+                cache: bool = True, options: dict | None = None) -> tuple[Store, str]:
     """One split of DATA (a path, a name, or an `open_data` result) decoded for the checkpoint; (store, source kind)."""
-    source = data if isinstance(data, sources.Source) else open_data(ckpt, data)
+    source = data if isinstance(data, sources.Source) else open_data(ckpt, data, options)
     if split not in source.splits:
         raise MedclfError(f"{data if isinstance(data, str) else source.root} has no {split!r} split "
                           f"(has: {', '.join(source.splits)})")
     store_size = ckpt.get("store_size", ckpt["input_size"]) if source.kind == "folder" else native_size(source)
+    dicom.check_mapping(ckpt)
     store, _ = build_store(source, split, store_size, ckpt["in_chans"], skip_bad=skip_bad, cache=cache, desc=split)
     return store, source.kind
 
@@ -128,6 +130,7 @@ def input_store(ckpt: dict[str, Any], inputs: list[str], skip_bad: bool = False)
     if not tasks.is_multilabel(ckpt):  # a folder names one class; a multi-label image's findings stay unknown
         split.labels = labels_from_parent_folders(split.paths, ckpt["classes"])
     source = sources.Source("inputs", "folder", Path("."), ckpt["classes"], {"inputs": split})
+    dicom.check_mapping(ckpt)
     store, _ = build_store(source, "inputs", ckpt.get("store_size", ckpt["input_size"]), ckpt["in_chans"],
                            skip_bad=skip_bad, cache=False, desc="inputs")
     return store

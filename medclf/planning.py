@@ -22,6 +22,7 @@ from . import models, runtime
 from .config import TrainConfig, check_settings, save_yaml
 from .data import sources
 from .data.augment import FULL_INTENSITY, PRESETS, prepare_batch, training_preset
+from .data import dicom
 from .data.store import UNREADABLE, probe_channels
 from .errors import MedclfError
 from .serialize import plain
@@ -82,16 +83,25 @@ def fingerprint(source: sources.Source, sample: int = HEADER_SAMPLE) -> dict[str
     split = source.splits.get("train") or next(iter(source.splits.values()))
     step = max(1, len(split.paths) // sample)
     picked = split.paths[::step][:sample]
+    dicom_bits = []
     for p in picked:
         try:
-            with Image.open(p) as img:  # lazy: reads the header only
-                widths.append(img.size[0])
-                heights.append(img.size[1])
-                modes[img.mode] = modes.get(img.mode, 0) + 1
-                formats[img.format or "?"] = formats.get(img.format or "?", 0) + 1
-        except UNREADABLE:
+            if dicom.is_dicom(p):
+                width, height, mode, depth = dicom.describe(p)
+                dicom_bits.append(depth)
+                image_format = "DICOM"
+            else:
+                with Image.open(p) as img:  # lazy: reads the header only
+                    (width, height), mode, image_format = img.size, img.mode, img.format or "?"
+            widths.append(width)
+            heights.append(height)
+            modes[mode] = modes.get(mode, 0) + 1
+            formats[image_format] = formats.get(image_format, 0) + 1
+        except (*UNREADABLE, MedclfError):
             unreadable += 1
-    bits = max((_MODE_BITS.get(m, 8) for m in modes), default=8)
+    if dicom_bits:
+        fp["dicom_mapping"] = dicom.MAPPING  # how those files become 8-bit (dicom.py)
+    bits = max([_MODE_BITS.get(m, 8) for m in modes if m in _MODE_BITS] + dicom_bits, default=8)
     fp.update({"width": _stats(widths), "height": _stats(heights),
                "short_side": _stats([min(a, b) for a, b in zip(widths, heights)]),
                "aspect": _stats([a / b for a, b in zip(widths, heights)]),
@@ -516,7 +526,9 @@ def plan(data: str, time_budget: float | None = None, out: str | None = None, we
          device: str = "auto", seed: int = 0, do_probe: bool = True, verbose: bool = True, **fixed: Any) -> dict[str, Any]:
     """Fingerprint DATA and plan its training; `out` saves the plan as YAML. Same as `medclf plan`."""
     check_settings(time_budget=time_budget, seed=seed, **fixed)
-    source = sources.open_source(data, seed=seed)
+    options = sources.data_options(fixed)
+    fixed = {k: v for k, v in fixed.items() if k not in sources.DATA_OPTIONS}
+    source = sources.open_source(data, seed=seed, **options)
     if "train" not in source.splits:
         raise MedclfError(f"{data} has no train split")
     sources.ensure_val_split(source, TrainConfig().val_fraction, seed)

@@ -103,15 +103,17 @@ def remove_temporaries(path: Path) -> None:
 
 
 def check_same_splits(run: Path, split_ids: dict[str, list[str]], split_labels: dict[str, np.ndarray],
-                      classes: list[str]) -> None:
+                      classes: list[str], split_groups: dict[str, list[str] | None] | None = None) -> None:
     """Resuming on other images than the run started with would silently mix two data sets."""
     path = run / "splits.csv"
     if not path.is_file():
         raise MedclfError(f"cannot resume {run}: no splits.csv there to check the data against")
     with tempfile.TemporaryDirectory() as tmp:
-        splits.write_split_file(Path(tmp) / "splits.csv", split_ids, split_labels, classes)
+        splits.write_split_file(Path(tmp) / "splits.csv", split_ids, split_labels, classes, split_groups)
         now = _read_rows(Path(tmp) / "splits.csv")
     saved = _read_rows(path)
+    width = len(saved[0]) if saved else 0  # a run from before splits.csv had a group column: compare what it has
+    now = [row[:width] for row in now]
     if saved != now:
         differ = sorted(set(saved) ^ set(now))
         example = f", e.g. {differ[0][0]} {differ[0][1]}" if differ else " (same images, other order)"

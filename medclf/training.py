@@ -18,7 +18,7 @@ from . import atomic, crossval, models, rundir, runtime, tasks
 from .schedule import epochs_that_fit, make_scheduler, saturated, schedule_of, tail_steps
 from .planning import PLANNED, balance_for, fingerprint, format_plan, make_plan, save_plan, steps_per_epoch
 from .config import TrainConfig, load_yaml, save_yaml
-from .data import sources, splits
+from .data import dicom, sources, splits
 from .data.augment import PRESETS, prepare_batch, training_preset
 from .data.store import Store, build_store, cache_root, native_size, probe_channels
 from .errors import MedclfError
@@ -33,7 +33,8 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_balan
 
 def open_data(cfg: TrainConfig) -> sources.Source:
     """DATA's splits, with a validation split carved out of train when it has none."""
-    source = sources.open_source(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+    source = sources.open_source(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                                 **sources.data_options(cfg.to_dict()))
     if "train" not in source.splits:
         raise MedclfError(f"{cfg.data} has no train split")
     sources.ensure_val_split(source, cfg.val_fraction, cfg.seed)
@@ -66,6 +67,7 @@ def _load_stores(cfg: TrainConfig, base: dict | None, source: sources.Source, fa
     if source.task == tasks.MULTILABEL:  # absent: multi-class, as in every checkpoint before multi-label tasks
         spec["task"] = tasks.MULTILABEL
     spec["crop"] = PRESETS[cfg.augment].eval_crop  # inference sees what training saw on average
+    spec["dicom_mapping"] = dicom.MAPPING  # how DICOM files became 8-bit: inference must apply the same
     return source, stores, spec, skipped
 
 
@@ -229,7 +231,7 @@ def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool
                           "task lacks; train one model (--folds 0) on a validation split")
     build(cfg, spec, base)  # the model is built once before any file is written: a base that does not fit fails here
     split_files = ({s: st.ids for s, st in stores.items()}, {s: st.labels.numpy() for s, st in stores.items()},
-                   source.classes)
+                   source.classes, {s: sources.groups_of(source, st.ids) for s, st in stores.items()})
     # everything above validates the settings and the data: only now is the run directory made (or checked)
     if resume:
         out = Path(resume)

@@ -160,9 +160,11 @@ def test_npz_negative_labels(tmp_path):
 
 def test_split_file_written(tmp_path):
     path = tmp_path / "splits.csv"
-    splits.write_split_file(path, {"train": ["a.png", "b.png"]}, {"train": np.array([0, 1])}, ["x", "y"])
+    splits.write_split_file(path, {"train": ["a.png", "b.png"]}, {"train": np.array([0, 1])}, ["x", "y"],
+                            {"train": ["p1", "p2"]})
     rows = list(csv.DictReader(open(path)))
-    assert rows == [{"split": "train", "id": "a.png", "label": "x"}, {"split": "train", "id": "b.png", "label": "y"}]
+    assert rows == [{"split": "train", "id": "a.png", "label": "x", "group": "p1"},
+                    {"split": "train", "id": "b.png", "label": "y", "group": "p2"}]
 
 
 def test_failed_decode_leaves_no_partial_cache_and_skip_bad_caches(split_folder, tmp_path):

@@ -3,7 +3,8 @@
 What the key covers
 -------------------
 A cached store is reused only when all of these match what it was built from: the cache format
-version; the stored size, channel count and data kind; for image folders, every file's path (in
+version; the stored size, channel count and data kind; for image files, the DICOM mapping's name
+(`dicom.MAPPING`, changed whenever the rules that turn a DICOM into 8-bit pixels change), every file's path (in
 split order), byte size and modification time (nanoseconds), plus a hash of the files' contents
 when the split's files total at most 64 MB; for an .npz file, its resolved path, byte size,
 modification time, the split's array name and row indices, plus a hash of the file's contents
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import dicom
 from .sources import Source, Split
 
 CACHE_VERSION = 2
@@ -52,6 +54,7 @@ def cache_key(split: Split, source: Source, size: int, channels: int) -> str:
     """The folder name of a split's store; see the module docstring for exactly what it covers."""
     h = hashlib.sha1(f"v{CACHE_VERSION}|{size}|{channels}|{source.kind}".encode())
     if split.paths is not None:
+        h.update(f"|{dicom.MAPPING}\n".encode())
         files = split.paths
         stats = [os.stat(p) for p in files]
         for p, st in zip(files, stats):

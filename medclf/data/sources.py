@@ -1,4 +1,4 @@
-"""Where images come from: split folders, class folders, MedMNIST-style .npz files, named datasets.
+"""Where images come from: split folders, class folders, CSV/TSV label files, MedMNIST-style .npz files, named datasets.
 
 A `Source` lists, per split, what to decode (file paths or npz rows) and the integer labels;
 `store.py` turns it into one uint8 tensor per split.
@@ -13,11 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MedclfError
-from . import named, npz, splits
+from . import dicom, named, npz, splits
+from .groups import find_groups
 
 MULTICLASS, MULTILABEL = "multi-class", "multi-label"  # Source.task: one label per image, or several (N×L 0/1)
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
 SPLIT_NAMES = ("train", "val", "test")
+# settings that say how to read DATA beyond its path (TrainConfig fields of the same names; None: detect)
+DATA_OPTIONS = ("images", "path_col", "label_col", "split_col", "group_col", "group_pattern")
 
 
 @dataclass
@@ -51,13 +54,19 @@ class Source:
     generated_splits: dict[str, str] = field(default_factory=dict)  # split -> how it was made
     pixel_rules: dict[str, str] = field(default_factory=dict)  # npz array -> how it becomes uint8 (npz.py)
     task: str = MULTICLASS  # MULTILABEL: labels are N×L 0/1 and `classes` names the L labels
+    grouping: str | None = None  # where the splits' groups (patients) came from; None: no groups known
 
     def load_npz(self):
         return np.load(self.root, mmap_mode="r")
 
 
 def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    """An image by its extension, a .dcm file, or a DICOM named without an image extension (read by its preamble)."""
+    if path.name.startswith("."):
+        return False
+    suffix = path.suffix.lower()
+    return (suffix in IMAGE_EXTENSIONS or suffix in dicom.SUFFIXES
+            or (dicom.may_be_dicom(path) and dicom.has_preamble(path)))
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -94,7 +103,8 @@ def _folder_split(by_class: dict[str, list[str]], classes: list[str], where: Pat
     return Split(labels=np.asarray(labels, dtype=np.int64), paths=paths)
 
 
-def open_folder(root: Path, classes: list[str] | None, seed: int, val_fraction: float, test_fraction: float) -> Source:
+def open_folder(root: Path, classes: list[str] | None, seed: int, val_fraction: float, test_fraction: float,
+                group_pattern: str | None = None) -> Source:
     split_dirs = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()}
     if split_dirs:
         found = {s: _read_class_folders(d) for s, d in split_dirs.items()}
@@ -106,6 +116,7 @@ def open_folder(root: Path, classes: list[str] | None, seed: int, val_fraction: 
         source = Source(root.name, "folder", root, list(classes))
         for s, by_class in found.items():
             source.splits[s] = _folder_split(by_class, source.classes, split_dirs[s])
+        set_groups(source, group_pattern)
     else:
         by_class = _read_class_folders(root)
         if classes is None:
@@ -113,11 +124,32 @@ def open_folder(root: Path, classes: list[str] | None, seed: int, val_fraction: 
             _need_two_classes(classes, root)
         whole = _folder_split(by_class, classes, root)
         source = Source(root.name, "folder", root, classes)
-        parts = splits.stratified_split(whole.labels, val_fraction, test_fraction, seed)
-        for s, idx in parts.items():
-            source.splits[s] = Split(labels=whole.labels[idx], paths=[whole.paths[i] for i in idx])
-            source.generated_splits[s] = f"stratified {len(idx)}/{len(whole)} of the class folders, seed {seed}"
+        whole.groups, source.grouping = find_groups(whole.paths, group_pattern)
+        split_pool(source, whole, "the class folders", val_fraction, test_fraction, seed)
     return source
+
+
+def set_groups(source: Source, group_pattern: str | None) -> None:
+    """Groups for every split of given splits, from --group-pattern, DICOM tags or Kermany names where they apply."""
+    everything = [p for split in source.splits.values() for p in split.paths]
+    groups, source.grouping = find_groups(everything, group_pattern)
+    if groups is None:
+        return
+    start = 0
+    for split in source.splits.values():
+        split.groups, start = groups[start:start + len(split)], start + len(split)
+
+
+def split_pool(source: Source, whole: Split, what: str, val_fraction: float, test_fraction: float, seed: int) -> None:
+    """Cut one pool of images into train/val/test, stratified by label and grouped when `whole.groups` is known."""
+    parts = splits.stratified_split(whole.labels, val_fraction, test_fraction, seed, groups=whole.groups)
+    for s, idx in parts.items():
+        source.splits[s] = _subset(whole, idx)
+        source.generated_splits[s] = f"stratified {len(idx)}/{len(whole)} of {what}{_grouped(source)}, seed {seed}"
+
+
+def _grouped(source: Source) -> str:
+    return f", grouped by patient ({source.grouping})" if source.grouping else ""
 
 
 def _need_two_classes(classes: list[str], where: Path) -> None:
@@ -170,10 +202,10 @@ def ensure_val_split(source: Source, val_fraction: float, seed: int) -> None:
     if "val" in source.splits or "train" not in source.splits:
         return
     train = source.splits["train"]
-    parts = splits.stratified_split(train.labels, val_fraction, 0.0, seed)
+    parts = splits.stratified_split(train.labels, val_fraction, 0.0, seed, groups=train.groups)
     for s, idx in parts.items():
         source.splits[s] = _subset(train, idx)
-        source.generated_splits[s] = f"stratified {len(idx)}/{len(train)} of train, seed {seed}"
+        source.generated_splits[s] = f"stratified {len(idx)}/{len(train)} of train{_grouped(source)}, seed {seed}"
 
 
 def _subset(split: Split, idx: np.ndarray) -> Split:
@@ -185,11 +217,18 @@ def _subset(split: Split, idx: np.ndarray) -> Split:
 
 
 def open_source(data: str | os.PathLike, classes: list[str] | None = None, seed: int = 0,
-                val_fraction: float = 0.1, test_fraction: float = 0.1) -> Source:
-    """Open DATA: a folder, an .npz file, or a named public dataset (downloaded on first use).
+                val_fraction: float = 0.1, test_fraction: float = 0.1, **options: str | None) -> Source:
+    """Open DATA: a folder, a CSV/TSV label file, an .npz file, or a named public dataset (downloaded on first use).
 
     `classes` (from a trained model) fixes the label order; data with other classes is an error.
+    `options`: the DATA_OPTIONS (label-file columns, --images, --group-pattern); None or absent: detected.
     """
+    from . import table  # imported here: table imports this module
+
+    unknown = sorted(set(options) - set(DATA_OPTIONS))
+    if unknown:
+        raise TypeError(f"open_source got unknown option(s) {', '.join(unknown)}")
+    options = {k: v for k, v in options.items() if v is not None}
     text = str(data)
     path = Path(text).expanduser()
     class_names = None
@@ -197,11 +236,35 @@ def open_source(data: str | os.PathLike, classes: list[str] | None = None, seed:
         if not named.is_named(text):
             raise MedclfError(f"data not found: {text} (a folder, an .npz file, or a dataset name from `medclf datasets`)")
         path, class_names = named.fetch(text)
+    if table.is_table(path):
+        return table.open_table(path, classes, seed, val_fraction, test_fraction, **options)
+    table_only = sorted(set(options) - {"group_pattern"})
+    if table_only:
+        raise MedclfError(f"{table.flag(table_only[0])} applies to a CSV/TSV label file; {text} is none")
     if path.is_dir():
-        return open_folder(path, classes, seed, val_fraction, test_fraction)
+        return open_folder(path, classes, seed, val_fraction, test_fraction, options.get("group_pattern"))
     if path.suffix.lower() == ".npz":
+        if options:
+            raise MedclfError(f"--group-pattern applies to image files; {text} is an .npz file")
         return open_npz(path, classes, class_names)
-    raise MedclfError(f"unsupported data {path}: expected a folder of images or an .npz file")
+    raise MedclfError(f"unsupported data {path}: expected a folder of images, a .csv/.tsv label file or an .npz file")
+
+
+def data_options(settings: dict) -> dict[str, str]:
+    """The DATA_OPTIONS set in a config (or checkpoint config) dict, for open_source."""
+    return {k: settings[k] for k in DATA_OPTIONS if settings.get(k) is not None}
+
+
+def groups_of(source: Source, ids: list[str]) -> list[str] | None:
+    """The group of each id (as a store lists them, unreadable files skipped) from the source's splits;
+    None unless every id has one."""
+    by_id = {}
+    for split in source.splits.values():
+        if split.groups is not None:
+            by_id.update(zip(split.ids, split.groups))
+    if not ids or any(i not in by_id for i in ids):
+        return None
+    return [by_id[i] for i in ids]
 
 
 def open_inputs(inputs: list[str]) -> Split:

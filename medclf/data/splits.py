@@ -13,8 +13,10 @@ import numpy as np
 from ..errors import MedclfError
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
+                     groups: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Indices for train/val(/test), stratified by label; classes too small to stratify fall back to random.
+    With `groups` every group lands in one split (`grouped_split`).
 
     Multi-label labels (N×L) are stratified on the label set (each distinct 0/1 row is a stratum); with a
     label set of one image, as usual for many findings, the split is random."""
@@ -25,10 +27,17 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     held = val_fraction + test_fraction
     if held <= 0:
         return {"train": idx}
-    train_idx, held_idx = _split(idx, labels, held, seed)
+    group_array = np.asarray(groups) if groups is not None else None
+
+    def cut(part: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        if group_array is None:
+            return _split(part, labels[part], fraction, seed)
+        return grouped_split(part, labels[part], group_array[part], fraction, seed)
+
+    train_idx, held_idx = cut(idx, held)
     parts["train"] = train_idx
     if test_fraction > 0 and val_fraction > 0:
-        val_idx, test_idx = _split(held_idx, labels[held_idx], test_fraction / held, seed)
+        val_idx, test_idx = cut(held_idx, test_fraction / held)
         parts["val"], parts["test"] = val_idx, test_idx
     elif val_fraction > 0:
         parts["val"] = held_idx
@@ -51,14 +60,44 @@ def _split(idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> t
     return np.asarray(a), np.asarray(b)
 
 
-def write_split_file(path: Path, split_ids: dict[str, list[str]], split_labels: dict[str, np.ndarray], classes: list[str]) -> None:
-    """One row per image: split, id (path or npz row), label name. Lets anyone rebuild the split."""
+def grouped_split(idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held) with every group on one side, held about `fraction` of the images.
+
+    scikit-learn's StratifiedGroupKFold with round(1/fraction) folds, one fold held out (so the fraction is
+    rounded to 1/k: 0.1, 0.125, 0.2, 0.25, 1/3, 0.5); with fewer groups than folds, GroupShuffleSplit
+    (grouped, not stratified)."""
+    import warnings
+
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold  # slow to import: only here
+
+    n_groups = len(set(groups.tolist()))
+    if n_groups < 2:
+        raise MedclfError(f"{len(idx)} image(s) from {n_groups} patient/group cannot be split into train and "
+                          "validation/test without a patient on both sides; add patients or give val/test splits")
+    k = max(2, round(1 / fraction))
+    if n_groups >= k:
+        with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": still grouped
+            warnings.simplefilter("ignore", UserWarning)
+            cutter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+            kept, held = next(cutter.split(np.zeros(len(idx)), labels, groups))
+    else:
+        kept, held = next(GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+                          .split(np.zeros(len(idx)), labels, groups))
+    return idx[kept], idx[held]
+
+
+def write_split_file(path: Path, split_ids: dict[str, list[str]], split_labels: dict[str, np.ndarray], classes: list[str],
+                     split_groups: dict[str, list[str] | None] | None = None) -> None:
+    """One row per image: split, id (path or npz row), label name, group (patient; empty where unknown).
+    Lets anyone rebuild the split and check that no patient sits in two splits."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["split", "id", "label"])
+        writer.writerow(["split", "id", "label", "group"])
         for split, ids in split_ids.items():
-            for i, label in zip(ids, split_labels[split]):
-                writer.writerow([split, i, label_text(label, classes)])
+            groups = (split_groups or {}).get(split) or [""] * len(ids)
+            for i, label, group in zip(ids, split_labels[split], groups):
+                writer.writerow([split, i, label_text(label, classes), group])
 
 
 def label_text(label: np.ndarray | int, classes: list[str]) -> str:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..errors import MedclfError
 from . import cache as disk_cache
-from . import npz
+from . import dicom, npz
 from .cache import cache_root
 from .sources import Source, Split, notice
 
@@ -64,7 +64,15 @@ def decode_image(path: str, size: int) -> np.ndarray:
     """One image file as uint8 H×W (grayscale) or H×W×3 (colour), short side resized to size, centre-cropped.
 
     Images above PIL's `Image.MAX_IMAGE_PIXELS` are refused as unreadable before any pixel is decoded.
+    DICOM files become 8-bit by `dicom.py`'s mapping, then take the same resize as any other image.
     """
+    array = _decode_dicom(path, size) if dicom.is_dicom(path) else _decode_pil(path, size)
+    if array.ndim == 3 and _is_gray(array):
+        array = array[..., 0]
+    return array
+
+
+def _decode_pil(path: str, size: int) -> np.ndarray:
     try:
         with Image.open(path) as img:
             _check_pixels(img)
@@ -73,18 +81,29 @@ def decode_image(path: str, size: int) -> np.ndarray:
             img = _to_8bit(img)
             if img.size != (size, size):
                 img = _fit(img, size)
-            array = np.asarray(img)
+            return np.asarray(img)
     except UNREADABLE as exc:
         raise MedclfError(f"cannot read image {path}: {exc}") from None
-    if array.ndim == 3 and _is_gray(array):
-        array = array[..., 0]
-    return array
+
+
+def _decode_dicom(path: str, size: int) -> np.ndarray:
+    width, height, _, _ = dicom.describe(path)
+    try:
+        _check_size(width, height)
+        img = Image.fromarray(dicom.read_pixels(path))
+    except Image.DecompressionBombError as exc:
+        raise MedclfError(f"cannot read image {path}: {exc}") from None
+    return np.asarray(img if img.size == (size, size) else _fit(img, size))
 
 
 def _check_pixels(img: Image.Image) -> None:
+    _check_size(*img.size)
+
+
+def _check_size(width: int, height: int) -> None:
     limit = Image.MAX_IMAGE_PIXELS
-    if limit and img.size[0] * img.size[1] > limit:
-        raise Image.DecompressionBombError(f"{img.size[0]}×{img.size[1]} pixels is more than the "
+    if limit and width * height > limit:
+        raise Image.DecompressionBombError(f"{width}×{height} pixels is more than the "
                                            f"{limit} allowed (PIL.Image.MAX_IMAGE_PIXELS)")
 
 
@@ -151,9 +170,12 @@ def probe_folder_size(paths: list[str], sample: int = 200) -> int:
     sides = []
     for p in paths[::step][:sample]:
         try:
+            if dicom.is_dicom(p):
+                sides.append(min(dicom.describe(p)[:2]))
+                continue
             with _bombs_are_errors(), Image.open(p) as img:
                 sides.append(min(img.size))
-        except UNREADABLE:
+        except (*UNREADABLE, MedclfError):
             continue
     return int(np.median(sides)) if sides else 224
 
