@@ -264,3 +264,79 @@ def test_a_multilabel_model_refuses_single_label_data(trained, tmp_path, capsys)
     np.savez(tmp_path / "single.npz", test_images=images, test_labels=(np.arange(8) % 3).reshape(-1, 1))
     assert main(["evaluate", str(run), str(tmp_path / "single.npz")]) == 2
     assert "multi-label" in capsys.readouterr().err
+
+
+# ---- CSV label files (medclf/data/table.py): findings joined by "|", or several 0/1 columns ----
+FINDINGS = ["Effusion", "Mass", "Nodule"]
+
+
+def write_multilabel_csv(root, n_train=48, n_val=16, n_test=16, seed=0):
+    """PNG images and labels.csv with a `Finding Labels` column (A|B, "No Finding"), a split and 0/1 columns."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True)
+    lines = ["Image Index,Finding Labels,split," + ",".join(FINDINGS)]
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        images, y = multilabel_arrays(n, rng)
+        for i, (image, row) in enumerate(zip(images, y)):
+            name = f"{split}_{i}.png"
+            Image.fromarray(image).save(root / "img" / name)
+            text = "|".join(f for f, on in zip(FINDINGS, row) if on) or "No Finding"
+            lines.append(f"img/{name},{text},{split}," + ",".join(map(str, row)))
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root / "labels.csv"
+
+
+def test_csv_finding_strings_become_label_columns(tmp_path):
+    table = write_multilabel_csv(tmp_path)
+    source = sources.open_source(table)
+    assert source.task == sources.MULTILABEL and source.classes == FINDINGS
+    rows = [line.split(",") for line in table.read_text().splitlines()[1:] if ",train," in line]
+    expected = np.array([[int(v) for v in r[3:]] for r in rows])
+    assert np.array_equal(source.splits["train"].labels, expected)
+
+
+def test_csv_zero_one_columns_give_the_same_labels(tmp_path):
+    table = write_multilabel_csv(tmp_path)
+    by_columns = sources.open_source(table, label_col=",".join(FINDINGS))
+    by_strings = sources.open_source(table)
+    assert by_columns.task == sources.MULTILABEL and by_columns.classes == FINDINGS
+    for split in ("train", "val", "test"):
+        assert np.array_equal(by_columns.splits[split].labels, by_strings.splits[split].labels)
+
+
+def test_csv_custom_no_finding_value(tmp_path):
+    table = write_multilabel_csv(tmp_path)
+    table.write_text(table.read_text().replace("No Finding", "normal"))
+    assert sources.open_source(table, no_finding="normal").classes == FINDINGS
+    assert "normal" in sources.open_source(table).classes  # without the flag it is one more finding
+
+
+@pytest.mark.parametrize("edit, flags, message", [
+    (lambda t: t.replace("Effusion|", "Effusion||", 1), [], "empty finding"),
+    (lambda t: t.replace(",test,", ",test,", 1).replace("Mass,test", "Fibrosis,test", 1), [], "never appears in training"),
+    (lambda t: t.replace(",1\n", ",2\n", 1), ["--label-col", ",".join(FINDINGS)], "label columns hold 0 or 1"),
+    (lambda t: t, ["--label-col", "Effusion,Edema"], "no such column"),
+])
+def test_bad_multilabel_csv_is_one_line(tmp_path, capsys, edit, flags, message):
+    table = write_multilabel_csv(tmp_path, n_train=12, n_val=4, n_test=4)
+    table.write_text(edit(table.read_text()))
+    assert main(["train", str(table), *FAST_FLAGS, *flags, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_csv_multilabel_trains_and_reports_per_label_and_macro_auc(tmp_path):
+    table = write_multilabel_csv(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", str(table), *FAST_FLAGS, "--size", "16", "--out", str(run)]) == 0
+    saved = json.loads((run / "metrics.json").read_text())
+    assert set(saved["test"]["per_label"]) == set(FINDINGS)
+    assert saved["test"]["auc"] is not None and "auc_micro" in saved["test"]
+    html = (run / "report.html").read_text()
+    assert all(f in html for f in FINDINGS) and "macro ROC AUC" in html
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), str(table), "--split", "test", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 16 and {f"prob_{f}" for f in FINDINGS} <= set(rows[0])

@@ -20,7 +20,7 @@ MULTICLASS, MULTILABEL = "multi-class", "multi-label"  # Source.task: one label 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
 SPLIT_NAMES = ("train", "val", "test")
 # settings that say how to read DATA beyond its path (TrainConfig fields of the same names; None: detect)
-DATA_OPTIONS = ("images", "path_col", "label_col", "split_col", "group_col", "group_pattern")
+DATA_OPTIONS = ("images", "path_col", "label_col", "split_col", "group_col", "group_pattern", "no_finding")
 
 
 @dataclass
