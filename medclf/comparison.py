@@ -20,7 +20,7 @@ import numpy as np
 
 from . import atomic, metrics, rundir
 from .config import RANGES, TrainConfig, load_yaml
-from .data import sources
+from .data import sources, table
 from .errors import MedclfError
 from .inference import load_for_inference, split_store
 from .metrics import evaluate_predictions
@@ -234,7 +234,7 @@ def _write_split_table(source: sources.Source, path: Path, marker: Path, record:
             for name, split in source.splits.items():
                 groups = split.groups or [""] * len(split)
                 for p, label, group in zip(split.paths, split.labels, groups):
-                    writer.writerow([str(Path(p).resolve()), source.classes[label], name, group])
+                    writer.writerow([str(Path(p).resolve()), table.label_cell(label, source.classes), name, group])
 
     atomic.write_with(path, save)
 

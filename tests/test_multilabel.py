@@ -340,3 +340,18 @@ def test_csv_multilabel_trains_and_reports_per_label_and_macro_auc(tmp_path):
     assert main(["predict", str(run), str(table), "--split", "test", "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 16 and {f"prob_{f}" for f in FINDINGS} <= set(rows[0])
+
+
+def test_compare_shares_a_multilabel_csv_split_that_reopens_with_the_same_labels(tmp_path):
+    from medclf.comparison import fixed_splits
+
+    table = write_multilabel_csv(tmp_path / "d")
+    lines = table.read_text().splitlines()
+    no_split = [",".join(c for k, c in enumerate(line.split(",")) if k != 2) for line in lines]
+    table.write_text("\n".join(no_split) + "\n")  # no split column: compare makes the split once
+    shared, _ = fixed_splits(str(table), tmp_path / "cmp", seed=0, val_fraction=0.2, test_fraction=0.2)
+    original = sources.open_source(table, val_fraction=0.2, test_fraction=0.2)
+    reopened = sources.open_source(shared)
+    assert reopened.task == sources.MULTILABEL and reopened.classes == FINDINGS
+    for split in ("train", "val", "test"):
+        assert np.array_equal(reopened.splits[split].labels, original.splits[split].labels)

@@ -195,6 +195,13 @@ def _refuse_duplicates(paths: list[str], lines: list[int], where: str) -> None:
         first[p] = line
 
 
+def label_cell(label: np.ndarray | int, classes: list[str]) -> str:
+    """A label as a label file writes it: the class name, or the findings joined by "|" (NO_FINDING for none)."""
+    from .splits import label_text
+
+    return label_text(label, classes) or NO_FINDING
+
+
 def _label_column_names(label_col: str | None) -> list[str] | None:
     """`--label-col A,B,C`: several 0/1 label columns (multi-label); None for one label column."""
     if label_col is None or "," not in label_col:
