@@ -128,6 +128,30 @@ def test_train_on_csv_records_options_splits_groups_and_reruns_from_config(tmp_p
     assert main(["train", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "splits.csv").read_text() == (out / "splits.csv").read_text()
     assert main(["evaluate", str(out), str(table), "--split", "val"]) == 0
+    from medclf.data import dicom
+    from medclf.models import read_checkpoint
+
+    assert read_checkpoint(out)["dicom_mapping"] == dicom.MAPPING  # inference applies the mapping training used
+
+
+def test_groups_of_follows_store_ids_and_needs_every_id(tmp_path):
+    table = write_table(tmp_path / "labels.csv", image_rows(tmp_path))
+    source = sources.open_source(table, seed=0)
+    train = source.splits["train"]
+    ids = list(reversed(train.ids[1:]))  # a store's ids: unreadable files skipped, any order
+    assert sources.groups_of(source, ids) == list(reversed(train.groups[1:]))
+    assert sources.groups_of(source, ids + ["not/in/the/data.png"]) is None
+
+
+def test_the_cache_key_changes_with_the_dicom_mapping(tmp_path, monkeypatch):
+    from medclf.data import cache, dicom
+
+    table = write_table(tmp_path / "labels.csv", image_rows(tmp_path))
+    source = sources.open_source(table, seed=0)
+    before = cache.cache_key(source.splits["train"], source, 12, 1)
+    assert cache.cache_key(source.splits["train"], source, 12, 1) == before
+    monkeypatch.setattr(dicom, "MAPPING", "dicom-v2")
+    assert cache.cache_key(source.splits["train"], source, 12, 1) != before
 
 
 def _rows_with(tmp_path, change) -> Path:
@@ -194,3 +218,28 @@ def test_compare_fixes_a_label_files_split_as_a_label_file_keeping_groups(tmp_pa
     for name, split in original.splits.items():
         assert [str(Path(p).resolve()) for p in split.paths] == fixed.splits[name].paths
         assert split.groups == fixed.splits[name].groups
+
+
+def test_cross_validation_folds_keep_a_label_files_patients_together(tmp_path, capsys):
+    rows = [{**r, "patient": f"x{i // 3}"} for i, r in enumerate(image_rows(tmp_path, per_class=18))]  # not Kermany
+    table = write_table(tmp_path / "labels.csv", rows)
+    out = tmp_path / "run"
+    assert main(["train", str(table), "--no-plan", "--size", "12", "--epochs", "1", "--batch-size", "16",
+                 "--patience", "0", "--folds", "2", "--out", str(out)]) == 0
+    assert "grouped by patient" in capsys.readouterr().out
+    group = {r["id"]: r["group"] for r in csv.DictReader(open(out / "splits.csv"))}
+    folds = defaultdict(set)
+    for r in csv.DictReader(open(out / "oof.csv")):
+        folds[group[r["id"]]].add(r["fold"])
+    assert len(folds) >= 4 and all(len(f) == 1 for f in folds.values())
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"path,label\n", "has no rows; expected a header line"),
+    (b"\xff\xfe\x00binary", "not UTF-8 text"),
+])
+def test_empty_or_binary_label_files_are_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "labels.csv").write_bytes(content)
+    assert main(["plan", str(tmp_path / "labels.csv"), "--out", "-", "--no-probe"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -39,7 +39,7 @@ SPLIT_VALUES = {"train": "train", "training": "train", "val": "val", "valid": "v
 
 
 def is_table(path: Path) -> bool:
-    return path.suffix.lower() in SUFFIXES
+    return path.suffix.lower() in SUFFIXES and path.is_file()
 
 
 def flag(option: str) -> str:
@@ -59,6 +59,8 @@ def read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
             rows = [(reader.line_num, cells) for cells in reader if any(c.strip() for c in cells)]
     except UnicodeDecodeError:
         raise MedclfError(f"cannot read {path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise MedclfError(f"cannot read {path}: {exc.strerror or exc}") from None
     except csv.Error as exc:
         raise MedclfError(f"cannot read {path} as {path.suffix[1:].upper()}: {exc}") from None
     if not header or not rows:
