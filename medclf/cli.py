@@ -83,12 +83,15 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", metavar="DIR", help="label file: folder its relative paths start from "
                    "(default: the file's folder)")
     p.add_argument("--path-col", metavar="NAME", help="label file: the image path column (default: detected)")
-    p.add_argument("--label-col", metavar="NAME", help="label file: the label column (default: detected)")
+    p.add_argument("--label-col", metavar="NAME", help="label file: the label column (default: detected); "
+                   "A,B,C: several 0/1 columns, one per label (multi-label)")
     p.add_argument("--split-col", metavar="NAME", help="label file: the train/val/test column (default: detected)")
     p.add_argument("--group-col", metavar="NAME", help="label file: the patient/study column (default: detected)")
     p.add_argument("--group-pattern", metavar="REGEX",
                    help="the patient in each file name (first capture group, else the match); splits keep a patient "
                         "together")
+    p.add_argument("--no-finding", metavar="VALUE", help="multi-label label file (findings joined by |): the label "
+                   "of an image without findings (default: No Finding)")
 
 
 def data_flags(args: argparse.Namespace) -> dict:

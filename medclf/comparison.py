@@ -20,7 +20,7 @@ import numpy as np
 
 from . import atomic, metrics, rundir
 from .config import RANGES, TrainConfig, load_yaml
-from .data import sources
+from .data import sources, table
 from .errors import MedclfError
 from .inference import load_for_inference, split_store
 from .metrics import evaluate_predictions
@@ -234,7 +234,7 @@ def _write_split_table(source: sources.Source, path: Path, marker: Path, record:
             for name, split in source.splits.items():
                 groups = split.groups or [""] * len(split)
                 for p, label, group in zip(split.paths, split.labels, groups):
-                    writer.writerow([str(Path(p).resolve()), source.classes[label], name, group])
+                    writer.writerow([str(Path(p).resolve()), table.label_cell(label, source.classes), name, group])
 
     atomic.write_with(path, save)
 
@@ -246,7 +246,7 @@ def _write_split_npz(source: sources.Source, path: Path, marker: Path, record: s
     arrays = {}
     for name, split in source.splits.items():
         arrays[f"{name}_images"] = np.asarray(archive[f"{split.npz_key}_images"][split.rows])
-        arrays[f"{name}_labels"] = split.labels.reshape(-1, 1)
+        arrays[f"{name}_labels"] = split.labels if split.labels.ndim == 2 else split.labels.reshape(-1, 1)
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a path
@@ -302,7 +302,7 @@ def evaluate_arms(data: str, run_dirs: dict[str, list[Path]], arm_flags: dict, s
             runs.append({"seed": seed, "dir": str(run_dir)})
             arm_probs.append(probs)
         pooled[arm] = np.mean(arm_probs, axis=0)
-        funcs = metrics.metric_functions(classes)
+        funcs = metrics.metric_functions(classes, multilabel=labels.ndim == 2)
         arms[arm] = {"runs": runs, "metrics": {m: mean_std(v) for m, v in per_metric.items()},
                      "flags": arm_flags[arm],
                      "pooled": {m: f(labels, pooled[arm]) for m, f in funcs.items()}}
@@ -365,9 +365,9 @@ def pair_tests(y: np.ndarray, pa: np.ndarray, pb: np.ndarray, classes: list[str]
     pooled = (f"; each arm's per-image probabilities averaged over its {n_seeds} seeds" if n_seeds > 1 else "")
     boot = f"paired bootstrap over images ({n_boot} resamples)"
     rows = []
-    for metric, f in metrics.metric_functions(classes).items():
+    for metric, f in metrics.metric_functions(classes, multilabel=y.ndim == 2).items():
         row = {"a": a, "b": b, "metric": metric}
-        if metric == "auc" and len(classes) == 2 and len(np.unique(y)) == 2:
+        if metric == "auc" and len(classes) == 2 and y.ndim == 1 and len(np.unique(y)) == 2:
             diff, p, ci = delong_auc_test(y, pa[:, 1], pb[:, 1])
             method = "DeLong test for two correlated AUCs (difference, 95% CI, p)"
         else:

@@ -134,6 +134,7 @@ class TrainConfig:
     split_col: str | None = None
     group_col: str | None = None
     group_pattern: str | None = None  # regex on file names whose first group (or match) is the patient
+    no_finding: str | None = None  # multi-label label file: the label of an image without findings (default No Finding)
 
     def validate(self) -> "TrainConfig":
         """Every setting checked for type and range (paths become text); MedclfError names the first bad one."""

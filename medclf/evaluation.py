@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
+from . import atomic, tasks
+from .data.splits import label_text
 from .errors import MedclfError
 from .inference import input_store, load_for_inference, split_store
-from .metrics import evaluate_predictions, youden_threshold
+from .metrics import evaluate_predictions, label_thresholds, youden_threshold
 from .serialize import json_safe
 
 
@@ -24,7 +25,7 @@ def evaluate(run_or_model: str, data: str, split: str = "test", tta: bool = Fals
     ckpt = loaded.ckpt
     store, _ = split_store(ckpt, data, split, skip_bad, cache, data_options)
     probs = loaded.predict(store, tta=tta, desc=f"evaluate {split}")
-    result = {split: evaluate_predictions(store.labels.numpy(), probs, ckpt["classes"], ckpt.get("threshold"))}
+    result = {split: evaluate_predictions(store.labels.numpy(), probs, ckpt["classes"], tasks.decision_threshold(ckpt))}
     result[split]["tta"] = tta
     result = json_safe(result)
     if out_path:
@@ -51,11 +52,12 @@ def predict(run_or_model: str, inputs: list[str], split: str | None = None, out:
     probs = loaded.predict(store, tta=tta, desc="predict")
     rows = []
     labels = store.labels.numpy()
+    decisions = tasks.predicted_names(probs, loaded.ckpt)  # multi-label: the decided label set, "A|B"
     for i, (ident, p) in enumerate(zip(store.ids, probs)):
         row = {key: ident}
-        if labels[i] >= 0:
-            row["label"] = classes[labels[i]]
-        row["prediction"] = classes[int(p.argmax())]
+        if labels.ndim == 2 or labels[i] >= 0:
+            row["label"] = label_text(labels[i], classes)
+        row["prediction"] = decisions[i]
         row.update({f"prob_{c}": float(v) for c, v in zip(classes, p)})
         rows.append(row)
     if out_path:
@@ -83,6 +85,8 @@ def _write_csv(path: Path, rows: list[dict], classes: list[str], has_labels: boo
         writer.writerows(rows)
 
 
-def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float | None:
-    """Youden's J threshold on validation for binary tasks, else None."""
+def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float | list[float] | None:
+    """Youden's J threshold on validation for binary tasks, one per label for multi-label (N×L) labels, else None."""
+    if labels.ndim == 2:
+        return label_thresholds(labels, probs)
     return youden_threshold(labels, probs[:, 1]) if probs.shape[1] == 2 else None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
+from . import atomic, tasks
 from .errors import MedclfError
 from .gradcam import grad_cam, save_overlay
 from .inference import input_store, load_for_inference, model_view, normalise, view_uint8
@@ -21,7 +21,8 @@ def explain(run_or_model: str, images: list[str], out: str | Path = "explain", t
 
     Each PNG shows the image as the model saw it (the checkpoint's crop and size) and its Grad-CAM
     overlay for the predicted class (or `target`), titled with the prediction and its probability.
-    Returns one row per image.
+    Multi-label models: the prediction is the decided label set and the overlay explains the most probable
+    label (or `target`, any of the labels). Returns one row per image.
     """
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
@@ -33,6 +34,8 @@ def explain(run_or_model: str, images: list[str], out: str | Path = "explain", t
         raise MedclfError(f"--class {target!r} is not one of the model's classes: {', '.join(classes)}")
     store = input_store(ckpt, images, skip_bad)
     probs = loaded.predict(store, desc="explain")
+    decisions = tasks.predicted_names(probs, ckpt)
+    name_explained = target is not None or tasks.is_multilabel(ckpt)
     out.mkdir(parents=True, exist_ok=True)
     names = _output_names([Path(p) for p in store.ids])
     rows = []
@@ -44,14 +47,14 @@ def explain(run_or_model: str, images: list[str], out: str | Path = "explain", t
         shown = view_uint8(view)
         for j, i in enumerate(idx.tolist()):
             p, c = probs[i], int(explained[j])
-            title = f"{classes[int(pred[j])]} {p[int(pred[j])]:.2f}"
-            if target is not None:
-                title += f" · Grad-CAM for {target} ({p[c]:.2f})"
+            title = f"{decisions[i] or 'no label'} {p[int(pred[j])]:.2f}"
+            if name_explained:
+                title += f" · Grad-CAM for {classes[c]} ({p[c]:.2f})"
             path = out / names[i]
             save_overlay(path, _upscale(shown[j]), cams[j], title=title)
             label = int(store.labels[i])
             rows.append({"path": store.ids[i], "label": classes[label] if label >= 0 else "",
-                         "prediction": classes[int(pred[j])], "probability": float(p[int(pred[j])]),
+                         "prediction": decisions[i], "probability": float(p[int(pred[j])]),
                          "explained_class": classes[c], "gradcam": str(path)})
     with atomic.open_atomic(out / "explain.csv", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import runtime
+from . import runtime, tasks
 from .data import dicom, sources
 from .data.augment import prepare_batch
 from .data.store import Store, build_store, native_size
@@ -123,7 +123,8 @@ def view_uint8(view: torch.Tensor) -> np.ndarray:
 def predict_store(model: nn.Module, store: Store, ckpt: dict[str, Any], device: torch.device, precision: str,
                   channels_last: bool, tta: bool = False, batch_size: int = INFER_BATCH,
                   desc: str | None = None) -> np.ndarray:
-    """Class probabilities (N×K float32) for every image in the store."""
+    """Class probabilities (N×K float32) for every image in the store; multi-label: a sigmoid per label."""
+    task = tasks.task_of(ckpt)
     was_training = model.training
     model.eval()
     out = []
@@ -135,8 +136,8 @@ def predict_store(model: nn.Module, store: Store, ckpt: dict[str, Any], device: 
         with runtime.autocast(device, precision):
             logits = model(x).float()
             if tta:  # average the original and the horizontally flipped image
-                logits = torch.stack([logits.softmax(1), model(x.flip(-1)).float().softmax(1)]).mean(0).log()
-        out.append(logits.softmax(1).cpu())
+                logits = tasks.logits_of_mean([logits, model(x.flip(-1)).float()], task)
+        out.append(tasks.to_probabilities(logits, task).cpu())
     model.train(was_training)
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, ckpt["num_classes"]), np.float32)
 
@@ -149,6 +150,8 @@ def open_data(ckpt: dict[str, Any], data: str, options: dict | None = None) -> s
     source = sources.open_source(data, classes=ckpt["classes"], seed=seed, val_fraction=val_fraction,
                                  test_fraction=cfg.get("test_fraction", 0.1), **sources.data_options(cfg))
     sources.ensure_val_split(source, val_fraction, seed)
+    if source.task != tasks.task_of(ckpt):
+        raise MedclfError(f"{data} is a {source.task} dataset but the model was trained for a {tasks.task_of(ckpt)} task")
     return source
 
 
@@ -168,7 +171,8 @@ def split_store(ckpt: dict[str, Any], data: str | sources.Source, split: str, sk
 def input_store(ckpt: dict[str, Any], inputs: list[str], skip_bad: bool = False) -> Store:
     """Image files and folders decoded for the checkpoint; labelled where a parent folder is named after a class."""
     split = sources.open_inputs(inputs)
-    split.labels = labels_from_parent_folders(split.paths, ckpt["classes"])
+    if not tasks.is_multilabel(ckpt):  # a folder names one class; a multi-label image's findings stay unknown
+        split.labels = labels_from_parent_folders(split.paths, ckpt["classes"])
     source = sources.Source("inputs", "folder", Path("."), ckpt["classes"], {"inputs": split})
     dicom.check_mapping(ckpt)
     store, _ = build_store(source, "inputs", ckpt.get("store_size", ckpt["input_size"]), ckpt["in_chans"],

@@ -13,6 +13,10 @@ resamples, and tested equal to scikit-learn. Classes the model knows but the ima
   least two classes occur, NaN (null in JSON) otherwise;
 - per class, recall (sensitivity) of a class without images is NaN; precision of a class never
   predicted and F1 where precision and recall are both zero are 0 (scikit-learn's zero_division=0).
+
+Multi-label tasks (labels N×L of 0/1, probabilities N×L of independent sigmoids) have their own section
+below (`multilabel_metrics`): per label AUC, average precision and the rates at a per-label threshold,
+plus macro and micro AUC.
 """
 from __future__ import annotations
 
@@ -165,8 +169,11 @@ def specificity_of(c: int) -> Metric:
     return _from_weights(specificity)
 
 
-def metric_functions(classes: list[str]) -> dict[str, Metric]:
-    """The compared metrics by name: the headline four, then recall_<class> for every class."""
+def metric_functions(classes: list[str], multilabel: bool = False) -> dict[str, Metric]:
+    """The compared metrics by name: the headline four, then recall_<class> for every class.
+    Multi-label: the threshold-free ones (macro and micro AUC, macro AP), then auc_<label> for every label."""
+    if multilabel:  # label accuracy needs each run's own thresholds: the compared metrics are threshold-free
+        return {name: f for name, f in multilabel_functions(classes).items() if name != "accuracy"}
     funcs: dict[str, Metric] = {"accuracy": accuracy, "balanced_accuracy": balanced_accuracy, "auc": auc,
                                 "f1_macro": f1_macro}
     funcs.update({f"recall_{name}": recall_of(i) for i, name in enumerate(classes)})
@@ -175,6 +182,10 @@ def metric_functions(classes: list[str]) -> dict[str, Metric]:
 
 def metric_values(metrics: dict, classes: list[str]) -> dict[str, float | None]:
     """The same names read from a metrics.json split entry."""
+    if "per_label" in metrics:
+        values = {name: metrics[name] for name in MULTILABEL_COMPARED}
+        values.update({f"auc_{name}": metrics["per_label"][name]["auc"] for name in classes})
+        return values
     values = {name: metrics[name] for name in HEADLINE}
     values.update({f"recall_{name}": metrics["per_class"][name]["recall"] for name in classes})
     return values
@@ -218,7 +229,10 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
 
 def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
                          threshold: float | None = None, chosen_on: str = "val") -> dict:
-    """Metrics at the arg-max decision; for two classes also at `threshold` on P(class 1)."""
+    """Metrics at the arg-max decision; for two classes also at `threshold` on P(class 1).
+    Multi-label labels (N×L): `multilabel_metrics` at the per-label thresholds (a list; None: 0.5 each)."""
+    if np.ndim(y_true) == 2:
+        return multilabel_metrics(y_true, probs, classes, threshold, chosen_on)
     result = classification_metrics(y_true, probs, classes)
     if len(classes) == 2 and threshold is not None:
         at = classification_metrics(y_true, probs, classes, predictions=(probs[:, 1] >= threshold).astype(int))
@@ -235,9 +249,12 @@ def estimate(labels: np.ndarray, probs: np.ndarray, classes: list[str], method: 
 
     Undefined metrics (AUC with one class) have value and ci95 None; the result is JSON-safe."""
     labels, probs = np.asarray(labels), np.asarray(probs)
-    funcs = metric_functions(classes)
+    if labels.ndim == 2:  # multi-label: at the thresholds chosen on these images, as metrics.json reports them
+        funcs, names = multilabel_functions(classes, label_thresholds(labels, probs)), MULTILABEL_HEADLINE
+    else:
+        funcs, names = metric_functions(classes), HEADLINE
     result: dict = {"method": method, "n": int(len(labels))}
-    for name in HEADLINE:
+    for name in names:
         value = funcs[name](labels, probs)
         ci = bootstrap_ci(funcs[name], labels, probs, n_boot=n_boot, seed=seed)
         defined = np.isfinite(value) and all(np.isfinite(ci))
@@ -260,3 +277,117 @@ def estimate_warnings(est: dict) -> list[str]:
     if not np.isfinite(est["auc"]["value"]):
         warnings.append("ROC AUC is undefined: the images hold only one class.")
     return warnings
+
+
+# ---- multi-label tasks: labels N×L of 0/1, probabilities N×L (one sigmoid per label) ----
+# "accuracy" is the mean over labels of each label's accuracy at its threshold (MedMNIST's ACC for ChestMNIST);
+# "auc" the macro mean of the per-label AUCs over the labels with both outcomes; "auc_micro" the AUC of every
+# (image, label) pair pooled. Per-label thresholds maximise Youden's J on validation (0.5 where none is given).
+MULTILABEL_HEADLINE = ("auc", "auc_micro", "average_precision_macro", "accuracy")
+MULTILABEL_COMPARED = ("auc", "auc_micro", "average_precision_macro")
+
+
+def average_precision(positive: np.ndarray, score: np.ndarray) -> float:
+    """Average precision (area under the step precision-recall curve, scikit-learn's definition); NaN without positives."""
+    if not positive.any():
+        return float("nan")
+    order = np.argsort(-score, kind="mergesort")
+    ranked, hits = score[order], positive[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # tied scores form one threshold
+    tp = np.cumsum(hits)[last_of_tie]
+    precision = tp / (last_of_tie + 1)
+    recall_gain = np.diff(np.r_[0, tp]) / tp[-1]
+    return float((recall_gain * precision).sum())
+
+
+def label_aucs(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    return np.array([binary_auc(y[:, j] == 1, probs[:, j]) for j in range(y.shape[1])])
+
+
+def macro_auc(y: np.ndarray, probs: np.ndarray) -> float:
+    """Mean per-label AUC over the labels with positives and negatives; NaN when none has both."""
+    aucs = label_aucs(y, probs)
+    return float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
+
+
+def micro_auc(y: np.ndarray, probs: np.ndarray) -> float:
+    return binary_auc(np.asarray(y).ravel() == 1, np.asarray(probs).ravel())
+
+
+def macro_average_precision(y: np.ndarray, probs: np.ndarray) -> float:
+    values = np.array([average_precision(y[:, j] == 1, probs[:, j]) for j in range(y.shape[1])])
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def label_thresholds(y: np.ndarray, probs: np.ndarray) -> list[float]:
+    """Each label's threshold maximising Youden's J (sensitivity + specificity − 1); 0.5 for a label lacking either outcome."""
+    return [youden_threshold(y[:, j], probs[:, j]) for j in range(y.shape[1])]
+
+
+def decided_labels(probs: np.ndarray, thresholds: list[float] | None) -> np.ndarray:
+    """N×L 0/1: a label is present where its probability reaches its threshold (0.5 without thresholds)."""
+    cut = np.full(probs.shape[1], 0.5) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    return (probs >= cut).astype(np.int64)
+
+
+def label_accuracy(thresholds: list[float] | None = None) -> Metric:
+    def accuracy(y: np.ndarray, probs: np.ndarray) -> float:
+        return float(np.mean(decided_labels(probs, thresholds) == y)) if len(y) else float("nan")
+    return accuracy
+
+
+def auc_of_label(j: int) -> Metric:
+    def auc(y: np.ndarray, probs: np.ndarray) -> float:
+        return binary_auc(y[:, j] == 1, probs[:, j])
+    return auc
+
+
+def multilabel_functions(classes: list[str], thresholds: list[float] | None = None) -> dict[str, Metric]:
+    """Multi-label metrics by name: macro/micro AUC, macro AP, label accuracy, then auc_<label> per label."""
+    funcs: dict[str, Metric] = {"auc": macro_auc, "auc_micro": micro_auc, "average_precision_macro": macro_average_precision,
+                                "accuracy": label_accuracy(thresholds)}
+    funcs.update({f"auc_{name}": auc_of_label(j) for j, name in enumerate(classes)})
+    return funcs
+
+
+def _label_rates(y: np.ndarray, decided: np.ndarray) -> dict[str, np.ndarray]:
+    """Per label (columns): sensitivity, specificity, precision, F1 and support, NaN/0 as for single-label classes."""
+    tp = (decided & y).sum(0)
+    positives, predicted = y.sum(0), decided.sum(0)
+    negatives = len(y) - positives
+    return {"sensitivity": _ratio(tp, positives, np.nan),
+            "specificity": _ratio(negatives - (predicted - tp), negatives, np.nan),
+            "precision": _ratio(tp, predicted, 0.0), "f1": _ratio(2 * tp, positives + predicted, 0.0),
+            "support": positives}
+
+
+def _nanmean(values: np.ndarray) -> float:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
+                       thresholds: list[float] | None = None, chosen_on: str = "val") -> dict:
+    """metrics.json entry of a multi-label split: the headline (macro AUC as "auc"), then one row per label."""
+    y = np.asarray(y_true).astype(np.int64)
+    decided = decided_labels(probs, thresholds)
+    rates = _label_rates(y, decided)
+    aucs = label_aucs(y, probs)
+    cut = [0.5] * len(classes) if thresholds is None else [float(t) for t in thresholds]
+    per_label = {name: {"auc": float(aucs[j]), "average_precision": average_precision(y[:, j] == 1, probs[:, j]),
+                        "threshold": cut[j], "sensitivity": float(rates["sensitivity"][j]),
+                        "specificity": float(rates["specificity"][j]), "precision": float(rates["precision"][j]),
+                        "f1": float(rates["f1"][j]), "support": int(rates["support"][j])}
+                 for j, name in enumerate(classes)}
+    balanced = (rates["sensitivity"] + rates["specificity"]) / 2
+    return {
+        "task": "multi-label", "n": int(len(y)),
+        "accuracy": float(np.mean(decided == y)) if len(y) else float("nan"),
+        "exact_match": float(np.mean((decided == y).all(1))) if len(y) else float("nan"),
+        "balanced_accuracy": _nanmean(balanced),
+        "auc": macro_auc(y, probs), "auc_micro": micro_auc(y, probs),
+        "average_precision_macro": macro_average_precision(y, probs),
+        "f1_macro": float(rates["f1"].mean()),
+        "sensitivity_macro": _nanmean(rates["sensitivity"]), "specificity_macro": _nanmean(rates["specificity"]),
+        "thresholds": "0.5 per label" if thresholds is None else f"per label, chosen on {chosen_on} (Youden's J)",
+        "per_label": per_label,
+    }

@@ -260,6 +260,8 @@ def _consistency_problem(ckpt: dict[str, Any]) -> str | None:
     k = len(ckpt["classes"])
     if ckpt["num_classes"] != k:
         return f"'num_classes' is {ckpt['num_classes']} but 'classes' lists {k} names"
+    if "thresholds" in ckpt and len(ckpt["thresholds"]) != k:
+        return f"'thresholds' has {len(ckpt['thresholds'])} value(s) for {k} labels"
     for key in ("mean", "std"):
         if len(ckpt[key]) != ckpt["in_chans"]:
             return f"{key!r} has {len(ckpt[key])} value(s) for {ckpt['in_chans']} channel(s)"
@@ -338,6 +340,9 @@ CHECKPOINT_SCHEMA: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
     "std": (True, lambda v: _is_numbers(v, positive=True), "a list of positive numbers, one per channel"),
     "crop": (False, lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "threshold": (False, lambda v: v is None or (_is_number(v) and 0 <= v <= 1), "a number in [0, 1]"),
+    "task": (False, lambda v: v in ("multi-class", "multi-label"), "multi-class or multi-label"),
+    "thresholds": (False, lambda v: isinstance(v, list) and all(_is_number(t) and 0 <= t <= 1 for t in v),
+                   "a list of numbers in [0, 1], one per label"),
     "config": (False, lambda v: isinstance(v, dict), "a mapping of settings"),
     "ensemble": (False, lambda v: _is_int(v) and v >= 2, "an integer >= 2 (the number of member models)"),
     "state_dict": (True, _is_tensor_mapping, "a mapping of parameter names to tensors"),

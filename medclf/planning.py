@@ -55,18 +55,21 @@ _MODE_BITS = {"1": 1, "L": 8, "P": 8, "LA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "
 
 
 def fingerprint(source: sources.Source, sample: int = HEADER_SAMPLE) -> dict[str, Any]:
-    """What the data is, from headers (folders) or array shapes (npz); no full decode."""
-    counts = {s: {c: int((sp.labels == i).sum()) for i, c in enumerate(source.classes)} for s, sp in source.splits.items()}
-    train = counts.get("train", {})
-    present = [n for n in train.values() if n > 0]
-    fp: dict[str, Any] = {
-        "data": str(source.root), "name": source.name, "kind": source.kind, "classes": list(source.classes),
-        "num_classes": len(source.classes), "counts": counts,
-        "images": {s: int(sum(c.values())) for s, c in counts.items()},
-        "imbalance_ratio": round(max(present) / min(present), 3) if present else None,
-        "generated_splits": dict(source.generated_splits),
-        "planned_budget": source.planned_budget,
-    }
+    """What the data is, from headers (folders) or array shapes (npz); no full decode.
+    Multi-label data (`task` "multi-label"): counts are each label's positives, the imbalance ratio the largest
+    negatives/positives ratio of a label (what BCE's pos_weight corrects)."""
+    if source.task == sources.MULTILABEL:
+        fp = _multilabel_counts(source)
+    else:
+        counts = {s: {c: int((sp.labels == i).sum()) for i, c in enumerate(source.classes)}
+                  for s, sp in source.splits.items()}
+        train = counts.get("train", {})
+        present = [n for n in train.values() if n > 0]
+        fp = {"counts": counts, "images": {s: int(sum(c.values())) for s, c in counts.items()},
+              "imbalance_ratio": round(max(present) / min(present), 3) if present else None}
+    fp = {"data": str(source.root), "name": source.name, "kind": source.kind, "classes": list(source.classes),
+          "num_classes": len(source.classes), **fp, "generated_splits": dict(source.generated_splits),
+          "planned_budget": source.planned_budget}
     if source.kind == "npz":
         archive = source.load_npz()
         split = source.splits.get("train") or next(iter(source.splits.values()))
@@ -108,6 +111,16 @@ def fingerprint(source: sources.Source, sample: int = HEADER_SAMPLE) -> dict[str
                "bit_depth": bits, "modes": modes, "formats": formats, "sampled": len(picked),
                "unreadable_in_sample": unreadable})
     return fp
+
+
+def _multilabel_counts(source: sources.Source) -> dict[str, Any]:
+    from .tasks import imbalance_ratio
+
+    counts = {s: {c: int(sp.labels[:, j].sum()) for j, c in enumerate(source.classes)} for s, sp in source.splits.items()}
+    train = source.splits.get("train")
+    ratio = imbalance_ratio(train.labels) if train is not None else None
+    return {"task": sources.MULTILABEL, "counts": counts, "images": {s: len(sp) for s, sp in source.splits.items()},
+            "imbalance_ratio": round(ratio, 3) if ratio is not None else None}
 
 
 # --------------------------------------------------------------------------- probe
@@ -381,6 +394,9 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
     else:
         decide("monitor", "loss", "validation loss: continuous, so near-perfect accuracy/AUC ties do not freeze "
                                   "the checkpoint")
+    multilabel = fp.get("task") == sources.MULTILABEL
+    if multilabel:
+        _multilabel_decisions(decide, balance, imbalance, n_val)
     decide("tta", False, "off: `medclf evaluate/predict` run without TTA unless asked, so the run's metrics match them "
                          "(flip TTA on val, 3 seeds: PneumoniaMNIST accuracy -0.002 to -0.004, chest_xray_400 AUC -0.011 to +0.002: "
                          "no consistent gain)")
@@ -406,7 +422,10 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
     counts = fp.get("counts")  # absent: nothing known about the classes, so nothing rules the folds out
     smallest = (min((sum(counts.get(s, {}).get(c, 0) for s in ("train", "val")) for c in fp["classes"]), default=0)
                 if counts else CV_FOLDS)
-    if "folds" not in fixed and n_total < CV_MAX_IMAGES and smallest < CV_FOLDS:
+    if multilabel:
+        decide("folds", 0, "multi-label: cross-validation folds are stratified by class, which a multi-label task "
+                           "lacks; one model, validated on the val split")
+    elif "folds" not in fixed and n_total < CV_MAX_IMAGES and smallest < CV_FOLDS:
         decide("folds", 0, f"{n_total} images would favour cross-validation, but the smallest class has {smallest} "
                            f"image(s), fewer than {CV_FOLDS} folds: one model, validated on the val split")
     elif "folds" not in fixed and n_total < CV_MAX_IMAGES:
@@ -472,8 +491,24 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
             "splits": dict(fp.get("generated_splits") or {})}  # how medclf made splits the data lacks, and why
 
 
+def _multilabel_decisions(decide, balance: str, imbalance: float, n_val: int) -> None:
+    """Where a multi-label plan differs: BCE's pos_weight, hard 0/1 targets, macro AUC on a large enough val."""
+    decide("balance", balance,
+           f"a label's negatives outnumber its positives up to {imbalance:.2f}x: BCE pos_weight (negatives/positives "
+           "per label) keeps rare findings' sensitivity up" if balance == "weight"
+           else f"labels are balanced ({imbalance:.2f}x negatives/positives at most): plain BCE")
+    decide("label_smoothing", 0.0, "multi-label: 0/1 targets; smoothing would pull every label's probability towards "
+                                   "0.5 and move the per-label thresholds chosen on validation")
+    if n_val >= MIN_VAL_FOR_AUC:
+        decide("monitor", "auc", f"macro ROC AUC over the labels: threshold-free; {n_val} validation images pin it down")
+    else:
+        decide("monitor", "loss", f"validation BCE: with {n_val} validation images macro AUC is noisy per epoch; the "
+                                  "loss scores every label's probability")
+
+
 def format_plan(plan: dict[str, Any], fp: dict[str, Any]) -> str:
-    lines = [f"data: {fp['data']} ({fp['kind']}, {fp['num_classes']} classes, "
+    what = "labels, multi-label" if fp.get("task") == sources.MULTILABEL else "classes"
+    lines = [f"data: {fp['data']} ({fp['kind']}, {fp['num_classes']} {what}, "
              + ", ".join(f"{s} {n}" for s, n in fp["images"].items()) + ")"]
     side = fp.get("short_side") or {}
     lines.append(f"images: short side median {side.get('median', '?'):g} px "

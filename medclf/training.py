@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import atomic, crossval, models, rundir, runtime
+from . import atomic, crossval, models, rundir, runtime, tasks
 from .schedule import epochs_that_fit, make_scheduler, saturated, schedule_of, tail_steps
 from .planning import PLANNED, balance_for, fingerprint, format_plan, make_plan, save_plan, steps_per_epoch
 from .config import TrainConfig, load_yaml, save_yaml
@@ -65,6 +65,8 @@ def _load_stores(cfg: TrainConfig, base: dict | None, source: sources.Source, fa
     norm = {"mean": base["mean"], "std": base["std"]} if base else models.data_config(cfg.weights, channels)
     spec = models.model_spec(base["arch"] if base else cfg.model, source.classes, channels, stem, input_size, **norm)
     spec["store_size"] = store_size
+    if source.task == tasks.MULTILABEL:  # absent: multi-class, as in every checkpoint before multi-label tasks
+        spec["task"] = tasks.MULTILABEL
     spec["crop"] = PRESETS[cfg.augment].eval_crop  # inference sees what training saw on average
     spec["dicom_mapping"] = dicom.MAPPING  # how DICOM files became 8-bit: inference must apply the same
     return source, stores, spec, skipped
@@ -91,7 +93,9 @@ def resolve_balance(cfg: TrainConfig, labels: torch.Tensor, k: int, facts: dict 
     if cfg.balance != "auto":
         return cfg.balance
     ratio = (facts or {}).get("imbalance_ratio")
-    if ratio is None:
+    if ratio is None and labels.ndim == 2:
+        ratio = tasks.imbalance_ratio(labels.numpy())
+    elif ratio is None:
         counts = torch.bincount(labels, minlength=k)
         present = counts[counts > 0].float()
         ratio = float(present.max() / present.min())
@@ -158,12 +162,13 @@ def train_one_epoch(model, store: Store, order: torch.Tensor, spec: dict, optimi
 
 
 def validation_row(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """Multi-label labels (N×L): BCE loss, macro AUC, label accuracy at 0.5 (see metrics.multilabel_metrics)."""
     if not np.isfinite(probs).all():  # a diverged model: no metric is meaningful
         return {"val_loss": math.nan, "val_accuracy": math.nan, "val_balanced_accuracy": math.nan, "val_auc": math.nan,
                 "val_f1_macro": math.nan}
     m = evaluate_predictions(labels, probs, classes)
-    p = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
-    return {"val_loss": float(-np.log(p).mean()), "val_accuracy": m["accuracy"],
+    task = tasks.MULTILABEL if labels.ndim == 2 else tasks.MULTICLASS
+    return {"val_loss": tasks.validation_loss(labels, probs, task), "val_accuracy": m["accuracy"],
             "val_balanced_accuracy": m["balanced_accuracy"], "val_auc": m["auc"], "val_f1_macro": m["f1_macro"]}
 
 
@@ -222,6 +227,10 @@ def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool
     precision = runtime.pick_precision(cfg.precision, device)
     channels_last = runtime.use_channels_last(cfg.channels_last, device, precision)
     balance = resolve_balance(cfg, stores["train"].labels, spec["num_classes"], facts)
+    tasks.check_balance(tasks.task_of(spec), balance)
+    if cfg.folds >= 2 and tasks.is_multilabel(spec):
+        raise MedclfError(f"--folds {cfg.folds}: cross-validation folds are stratified by class, which a multi-label "
+                          "task lacks; train one model (--folds 0) on a validation split")
     build(cfg, spec, base)  # the model is built once before any file is written: a base that does not fit fails here
     split_files = ({s: st.ids for s, st in stores.items()}, {s: st.labels.numpy() for s, st in stores.items()},
                    source.classes, {s: sources.groups_of(source, st.ids) for s, st in stores.items()})
@@ -274,8 +283,8 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
     scheduler = make_scheduler(cfg, optimizer, steps)
     sched = schedule_of(scheduler)
     finishable = sched is not None and sched.kind == "cosine"  # a constant rate is the user's choice: it just stops
-    weight = class_weights(train_store.labels, k).to(device) if env["balance"] == "weight" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    loss_fn = tasks.loss_function(tasks.task_of(spec), train_store.labels, env["balance"], cfg.label_smoothing,
+                                  lambda labels: class_weights(labels, k)).to(device)
     ema = None
     if cfg.ema > 0:
         ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
@@ -415,13 +424,13 @@ def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig
         probs = predict_store(model, stores[name], spec, device, precision, channels_last, tta=cfg.tta, desc=name)
         labels = stores[name].labels.numpy()
         if name == "val":
-            threshold = choose_threshold(labels, probs)
+            threshold = choose_threshold(labels, probs)  # multi-label: a list, one per label
         results[name] = evaluate_predictions(labels, probs, spec["classes"], threshold)
         results[name]["tta"] = cfg.tta
         results[name].update(headline_intervals(labels, probs, spec["classes"]))  # the model card quotes them
         curves[name] = (labels, probs)
-    if threshold is not None:  # predict/evaluate reuse the validation threshold
-        ckpt["threshold"] = threshold
+    if threshold is not None:  # predict/evaluate reuse the validation threshold(s)
+        ckpt["thresholds" if tasks.is_multilabel(spec) else "threshold"] = threshold
         atomic.torch_save(ckpt, out / "model.pt")
     if "val" in curves and len(curves["val"][0]):
         method = METHOD_VAL if cfg.checkpoint == "final" else METHOD_VAL_SELECTED

@@ -93,8 +93,6 @@ def fetch(name: str) -> tuple[Path, list[str] | None]:
     info = _medmnist_info()[base]
     if size not in MEDMNIST_SIZES:
         raise MedclfError(f"{base} comes in sizes {', '.join(map(str, MEDMNIST_SIZES))}, not {size}")
-    if "multi-label" in info["task"]:
-        raise MedclfError(f"{base} is a multi-label dataset; medclf trains single-label classifiers")
     suffix = "" if size == 28 else f"_{size}"
     path = _download(info[f"url{suffix}"], home, _medmnist_file(base, size), info[f"MD5{suffix}"])
     labels = info["label"]

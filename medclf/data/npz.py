@@ -1,6 +1,7 @@
 """What an .npz file must hold, checked when it is opened, and how its pixels become uint8.
 
-Labels: integers (or floats with integral values), one per image, N or N×1.
+Labels: integers (or floats with integral values), one per image, N or N×1; or, for a multi-label task
+(several findings per image, as in ChestMNIST), N×L values 0/1, one column per label.
 Images: N×H×W or N×H×W×C (C = 1 or 3), at least one row and one pixel, of these dtypes:
 - uint8: used as is;
 - uint16: each image's used range stretched to 0..255, as for 16-bit image files;
@@ -32,7 +33,7 @@ def check_labels(path, split: str, raw: np.ndarray, rows: int) -> np.ndarray:
     if raw.dtype.kind not in "biuf":
         raise MedclfError(f"{path}: {name} must hold integer class indices, got {raw.dtype} values")
     if raw.ndim == 2 and raw.shape[1] != 1:
-        raise MedclfError(f"{path}: {name} has shape {raw.shape}; multi-label data is not supported")
+        return check_label_matrix(path, split, raw, rows)
     if raw.ndim not in (1, 2):
         raise MedclfError(f"{path}: {name} must be N or N×1, got shape {raw.shape}")
     labels = raw.reshape(-1)
@@ -45,6 +46,36 @@ def check_labels(path, split: str, raw: np.ndarray, rows: int) -> np.ndarray:
         if len(labels) and np.abs(labels).max() > 2 ** 31:
             raise MedclfError(f"{path}: {name} holds {np.abs(labels).max():g}; labels must be class indices 0..K-1")
     return labels.astype(np.int64)
+
+
+def check_label_matrix(path, split: str, raw: np.ndarray, rows: int) -> np.ndarray:
+    """Multi-label labels: int64 N×L of 0/1, or an error naming the first bad row."""
+    name = f"{split}_labels"
+    if len(raw) != rows:
+        raise MedclfError(f"{path}: {split}_images has {rows} rows but {name} has {len(raw)}")
+    bad = np.flatnonzero(~np.isin(raw, (0, 1)).all(1))
+    if len(bad):
+        raise MedclfError(f"{path}: {name} has shape {raw.shape} (multi-label) but row {bad[0]} holds "
+                          f"{raw[bad[0]].tolist()}; multi-label rows must hold 0/1 per label")
+    return raw.astype(np.int64)
+
+
+def check_label_columns(path, labels: dict[str, np.ndarray], classes: list[str] | None,
+                        class_names: list[str] | None) -> list[str]:
+    """The label names of a multi-label file: the model's (same count), the dataset's, or "0".."L-1"."""
+    widths = {s: (v.shape[1] if v.ndim == 2 else 1) for s, v in labels.items()}
+    if len(set(widths.values())) != 1:
+        shown = ", ".join(f"{s}_labels {w}" for s, w in widths.items())
+        raise MedclfError(f"{path}: splits disagree on the number of labels ({shown}); every split needs the same columns")
+    width = next(iter(widths.values()))
+    if classes is not None:
+        if width != len(classes):
+            raise MedclfError(f"{path}: labels have {width} column(s) but the model has {len(classes)} labels "
+                              f"({', '.join(classes)})")
+        return list(classes)
+    if "train" in labels and not labels["train"].any(0).any():
+        raise MedclfError(f"{path}: train_labels have no positive label; a classifier needs positives to learn from")
+    return list(class_names) if class_names and len(class_names) == width else [str(i) for i in range(width)]
 
 
 def check_image_shape(path, split: str, images: np.ndarray) -> None:

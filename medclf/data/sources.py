@@ -17,10 +17,11 @@ from . import dicom, named, npz, splits
 from .groups import find_groups
 
 KAGGLE_PREFIX = "kaggle:"
+MULTICLASS, MULTILABEL = "multi-class", "multi-label"  # Source.task: one label per image, or several (N×L 0/1)
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
 SPLIT_NAMES = ("train", "val", "test")
 # settings that say how to read DATA beyond its path (TrainConfig fields of the same names; None: detect)
-DATA_OPTIONS = ("images", "path_col", "label_col", "split_col", "group_col", "group_pattern")
+DATA_OPTIONS = ("images", "path_col", "label_col", "split_col", "group_col", "group_pattern", "no_finding")
 # sub-folders never read as images: segmentation masks (the COVID-19 Radiography Database keeps masks/ beside each
 # class's images/) and macOS archive metadata; hidden folders too
 MASK_FOLDERS = {"mask", "masks", "segmentation", "segmentations", "labels"}
@@ -31,7 +32,7 @@ SKIPPED_FOLDERS = MASK_FOLDERS | {"__macosx"}
 class Split:
     """One split: labels plus either file paths (folders) or row indices into an npz array."""
 
-    labels: np.ndarray  # int64, -1 where unknown
+    labels: np.ndarray  # int64 N, -1 where unknown; multi-label: int64 N×L of 0/1
     paths: list[str] | None = None
     npz_key: str | None = None  # e.g. "train" for train_images
     rows: np.ndarray | None = None
@@ -57,6 +58,7 @@ class Source:
     splits: dict[str, Split] = field(default_factory=dict)
     generated_splits: dict[str, str] = field(default_factory=dict)  # split -> how it was made
     pixel_rules: dict[str, str] = field(default_factory=dict)  # npz array -> how it becomes uint8 (npz.py)
+    task: str = MULTICLASS  # MULTILABEL: labels are N×L 0/1 and `classes` names the L labels
     grouping: str | None = None  # where the splits' groups (patients) came from; None: no groups known
     planned_budget: float | None = None  # minutes the plan uses when none is given (the offline demo's short one)
 
@@ -201,8 +203,11 @@ def open_npz(path: Path, classes: list[str] | None, class_names: list[str] | Non
     converted = sorted({r for r in rules.values() if r != npz.AS_IS})
     if converted:
         notice(f"{path.name}: images converted to uint8 ({'; '.join(converted)})")
-    source = Source(path.stem, "npz", path, npz.check_classes(path, label_sets, classes, class_names))
+    multilabel = any(v.ndim == 2 for v in label_sets.values())
+    check = npz.check_label_columns if multilabel else npz.check_classes
+    source = Source(path.stem, "npz", path, check(path, label_sets, classes, class_names))
     source.pixel_rules = rules
+    source.task = MULTILABEL if multilabel else MULTICLASS
     for s, labels in label_sets.items():
         source.splits[s] = Split(labels=labels, npz_key=s, rows=np.arange(len(labels)))
     return source

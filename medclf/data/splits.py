@@ -16,7 +16,12 @@ from ..errors import MedclfError
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
                      groups: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Indices for train/val(/test), stratified by label; classes too small to stratify fall back to random.
-    With `groups` every group lands in one split (`grouped_split`)."""
+    With `groups` every group lands in one split (`grouped_split`).
+
+    Multi-label labels (N×L) are stratified on the label set (each distinct 0/1 row is a stratum); with a
+    label set of one image, as usual for many findings, the split is random."""
+    if labels.ndim == 2:
+        labels = np.unique(labels, axis=0, return_inverse=True)[1].reshape(-1)
     idx = np.arange(len(labels))
     parts: dict[str, np.ndarray] = {}
     held = val_fraction + test_fraction
@@ -92,7 +97,14 @@ def write_split_file(path: Path, split_ids: dict[str, list[str]], split_labels: 
         for split, ids in split_ids.items():
             groups = (split_groups or {}).get(split) or [""] * len(ids)
             for i, label, group in zip(ids, split_labels[split], groups):
-                writer.writerow([split, i, classes[label] if label >= 0 else "", group])
+                writer.writerow([split, i, label_text(label, classes), group])
+
+
+def label_text(label: np.ndarray | int, classes: list[str]) -> str:
+    """A label as written in files: the class name, or for multi-label the positive labels joined by "|"."""
+    if np.ndim(label) == 1:
+        return "|".join(c for c, on in zip(classes, label) if on)
+    return classes[label] if label >= 0 else ""
 
 
 # Kermany et al. (2018) chest X-ray names carry the patient: person1028_bacteria_2959.jpeg, IM-0213-0001.jpeg,

@@ -13,12 +13,20 @@ from . import figures
 from . import html as H
 
 SIGNIFICANT = 0.05
-LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auc": "ROC AUC", "f1_macro": "macro F1"}
+LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auc": "ROC AUC", "f1_macro": "macro F1",
+          "auc_micro": "micro ROC AUC", "average_precision_macro": "macro average precision"}
+
+RUN_COLUMNS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auc": "AUC", "f1_macro": "macro F1"}
+RUN_COLUMNS_MULTILABEL = {"auc": "macro AUC", "auc_micro": "micro AUC", "average_precision_macro": "macro AP"}
 
 
 def metric_label(metric: str) -> str:
     """A metric's name in words (plain text: escape it for HTML)."""
-    return LABELS.get(metric) or f"sensitivity ({metric.removeprefix('recall_')})"
+    if metric in LABELS:
+        return LABELS[metric]
+    if metric.startswith("auc_"):  # multi-label: one label's AUC
+        return f"ROC AUC ({metric.removeprefix('auc_')})"
+    return f"sensitivity ({metric.removeprefix('recall_')})"
 
 
 def write_comparison_html(out: Path, result: dict, run_dirs: dict[str, list[Path]], labels: np.ndarray,
@@ -72,10 +80,13 @@ def write_comparison_html(out: Path, result: dict, run_dirs: dict[str, list[Path
                    caption="Validation metrics per epoch: one colour per arm, one line per seed.")
     roc = H.img(H.figure_uri(figures.arm_roc_figure(labels, pooled, classes, f"ROC ({result['split']})")),
                 "ROC curves", caption="Each arm's probabilities averaged over its seeds.")
-    cms = {arm: confusion(labels, p.argmax(1), len(classes)) for arm, p in pooled.items()}
-    confusions = H.img(H.figure_uri(figures.confusion_grid_figure(cms, classes)), "confusion matrices",
-                      caption="Rows: true class; columns: predicted class of the seed-averaged probabilities.")
+    confusions = ""
+    if labels.ndim == 1:  # multi-label decisions have no confusion matrix
+        cms = {arm: confusion(labels, p.argmax(1), len(classes)) for arm, p in pooled.items()}
+        confusions = H.img(H.figure_uri(figures.confusion_grid_figure(cms, classes)), "confusion matrices",
+                          caption="Rows: true class; columns: predicted class of the seed-averaged probabilities.")
 
+    headline = RUN_COLUMNS_MULTILABEL if "auc_micro" in metrics else RUN_COLUMNS
     run_rows = []
     for arm in names:
         for k, run in enumerate(arms[arm]["runs"]):
@@ -83,8 +94,8 @@ def write_comparison_html(out: Path, result: dict, run_dirs: dict[str, list[Path
             link = f'<a href="{H.esc(rel)}/report.html">{H.esc(rel)}</a>'
             run_rows.append([H.esc(arm), str(run["seed"]), link]
                             + [H.num(arms[arm]["metrics"][m]["values"][k], ["arms", arm, "metrics", m, "values", k])
-                               for m in ("accuracy", "balanced_accuracy", "auc", "f1_macro")])
-    runs_table = H.table(["arm", "seed", "run (report)", "accuracy", "balanced accuracy", "AUC", "macro F1"], run_rows)
+                               for m in headline])
+    runs_table = H.table(["arm", "seed", "run (report)"] + list(headline.values()), run_rows)
     settings = "".join(f"<li><b>{H.esc(a)}</b>: {H.esc(', '.join(f'{k}={v}' for k, v in arms[a]['flags'].items()) or 'defaults')}</li>"
                        for a in names)
     note = f'<p class="note">{H.esc(result["split_note"])}</p>' if result.get("split_note") else ""
@@ -117,13 +128,14 @@ def summary_text(result: dict) -> str:
         return "—" if m["mean"] is None else f"{m['mean']:.3f} ± {m['std']:.3f}"
 
     where = "out-of-fold predictions" if result["split"] == "out-of-fold" else f"{result['split']} split"
-    text = (f"On the {where} ({result['n_images']} images, {len(result['classes'])} classes) "
+    kind = "labels" if "auc_micro" in arms[best]["metrics"] else "classes"
+    text = (f"On the {where} ({result['n_images']} images, {len(result['classes'])} {kind}) "
             f"{len(arms)} settings were trained with {n_seeds} seed{'s' if n_seeds > 1 else ''} each. "
             f"{best} reached the highest mean {metric_label(primary)} ({ms(best, primary)}), against "
             + ", ".join(f"{a} ({ms(a, primary)})" for a in order[1:]) + ". ")
     significant = 0
     for other in order[1:]:
-        for metric in (primary, "accuracy") if primary != "accuracy" else ("accuracy",):
+        for metric in [m for m in dict.fromkeys((primary, "accuracy")) if m in arms[best]["metrics"]]:
             row = next(r for r in result["pairwise"] if r["metric"] == metric and {r["a"], r["b"]} == {best, other})
             sign = 1 if row["a"] == best else -1
             if row["difference"] is None or row["p_value"] is None:

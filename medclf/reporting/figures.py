@@ -94,7 +94,14 @@ def confusion_figure(cm: list[list[int]], classes: list[str], title: str = "conf
 
 def curve_classes(labels: np.ndarray, classes: list[str]):
     """(class index, positives mask) per curve: class 1 for binary, every class (one-vs-rest) otherwise;
-    classes without both outcomes in `labels` are skipped (no curve is defined)."""
+    classes without both outcomes in `labels` are skipped (no curve is defined). Multi-label labels (N×L):
+    every label, from its own column."""
+    if labels.ndim == 2:
+        for c in range(len(classes)):
+            positives = labels[:, c] == 1
+            if positives.any() and not positives.all():
+                yield c, positives
+        return
     for c in [1] if len(classes) == 2 else range(len(classes)):
         positives = labels == c
         if positives.any() and not positives.all():
@@ -183,13 +190,15 @@ def arm_curves_figure(histories: dict[str, list[dict[str, list[float]]]]) -> Fig
 
 
 def arm_roc_figure(labels: np.ndarray, probs_by_arm: dict[str, np.ndarray], classes: list[str], title: str) -> Figure:
-    """One ROC curve per arm: on the positive class (binary) or micro-averaged one-vs-rest."""
+    """One ROC curve per arm: on the positive class (binary) or micro-averaged one-vs-rest (multi-label: over labels)."""
     from sklearn.metrics import roc_curve
 
     fig, ax = new_figure((5.2, 5))
     k = len(classes)
     for i, (arm, probs) in enumerate(probs_by_arm.items()):
-        if k == 2:
+        if labels.ndim == 2:
+            fpr, tpr, _ = roc_curve(labels.ravel(), probs.ravel())
+        elif k == 2:
             if len(np.unique(labels)) < 2:
                 continue
             fpr, tpr, _ = roc_curve(labels == 1, probs[:, 1])
@@ -230,12 +239,15 @@ def overlay_figure(image: np.ndarray, blend: np.ndarray, title: str) -> Figure:
 
 
 def save_run_plots(out: Path, history_csv: Path, cm, classes, labels, probs, split: str) -> list[str]:
-    """curves.png, confusion_matrix.png and roc.png in the run directory; returns a warning per figure that failed.
+    """curves.png, confusion_matrix.png (not for multi-label: cm None) and roc.png in the run directory; returns a
+    warning per figure that failed.
 
     A figure that cannot be drawn costs that figure only, never the run's other outputs."""
     figures = {"curves.png": lambda: curves_figure(read_history(history_csv), out.name),
                "confusion_matrix.png": lambda: confusion_figure(cm, classes, f"confusion matrix ({split})"),
                "roc.png": lambda: roc_figure(labels, probs, classes, f"ROC ({split})")}
+    if cm is None:
+        del figures["confusion_matrix.png"]
     warnings = []
     for name, draw in figures.items():
         try:

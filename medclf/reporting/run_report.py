@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import inference, metrics, runtime, serialize
+from .. import inference, metrics, runtime, serialize, tasks
 from ..config import load_yaml
 from ..data.store import Store
 from ..errors import MedclfError
@@ -58,16 +58,41 @@ def report(run: str | Path, data: str | None = None, out: str | Path | None = No
         if probs is None:
             probs = loaded.predict(store, tta=bool(config.get("tta")))
         labels = store.labels.numpy()
-        split_metrics = serialize.json_safe(metrics.evaluate_predictions(labels, probs, classes, ckpt.get("threshold")))
+        split_metrics = serialize.json_safe(metrics.evaluate_predictions(labels, probs, classes,
+                                                                         tasks.decision_threshold(ckpt)))
         evaluated[split] = {"store": store, "labels": labels, "probs": probs, "metrics": split_metrics}
     if not evaluated:
         raise MedclfError(f"{data} has neither a val nor a test split to report on")
     saved = _saved_metrics(run)
     _check_against_metrics_json(saved, evaluated, notes)
+    if tasks.is_multilabel(ckpt):
+        from .multilabel_report import sections as multilabel_sections
+
+        sections = multilabel_sections(run, evaluated, saved, classes, ckpt.get("thresholds"), n_boot)
+    else:
+        sections = _single_label_sections(run, loaded, evaluated, saved, classes, n_boot, max_mistakes)
+    if notes:
+        sections.insert(0, "".join(f'<p class="note">{H.esc(n)}</p>' for n in notes))
+    ensemble = f"ensemble of {ckpt['ensemble']} × " if "ensemble" in ckpt else ""
+    subtitle = (f"{ensemble}{H.esc(ckpt['arch'])} ({H.esc(ckpt['stem'])} stem, {ckpt['input_size']} px, {ckpt['in_chans']} ch), "
+                f"weights {H.esc(ckpt.get('weights', config.get('weights', '?')))}, {len(classes)} "
+                f"{'labels' if tasks.is_multilabel(ckpt) else 'classes'}, data {H.esc(data)}")
+    path = Path(out) if out else run / "report.html"
+    H.write(path, H.page(f"medclf report: {run.name}", subtitle, sections))
+    if stores_given is None and (run / "metrics.json").is_file():  # `medclf report RUN`: the card follows the code
+        from ..model_card import write_model_card
+
+        write_model_card(run)
+    return str(path)
+
+
+def _single_label_sections(run: Path, loaded: inference.LoadedModel, evaluated: dict, saved: dict,
+                           classes: list[str], n_boot: int, max_mistakes: int) -> list[str]:
+    ckpt = loaded.ckpt
     shown = next(split for split in ("test", "val", "oof") if split in evaluated)
     s, name = evaluated[shown], SPLIT_NAMES.get(shown, shown)
     cams = ", with Grad-CAM" if s["store"] is not None else ""
-    sections = [
+    return [
         H.section("What to expect on new images", _expectation(saved, evaluated, classes, n_boot), "estimate"),
         _summary(evaluated, shown, classes, n_boot),
         H.section("Metrics with 95% bootstrap confidence intervals", _metrics_tables(evaluated, classes, n_boot), "metrics"),
@@ -80,19 +105,6 @@ def report(run: str | Path, data: str | None = None, out: str | Path | None = No
         H.section("Dataset", _dataset(run, ckpt, s["store"], classes, shown), "dataset"),
         H.section("Configuration and plan", _config(run), "config"),
     ]
-    if notes:
-        sections.insert(0, "".join(f'<p class="note">{H.esc(n)}</p>' for n in notes))
-    ensemble = f"ensemble of {ckpt['ensemble']} × " if "ensemble" in ckpt else ""
-    subtitle = (f"{ensemble}{H.esc(ckpt['arch'])} ({H.esc(ckpt['stem'])} stem, {ckpt['input_size']} px, {ckpt['in_chans']} ch), "
-                f"weights {H.esc(ckpt.get('weights', config.get('weights', '?')))}, {len(classes)} classes, "
-                f"data {H.esc(data)}")
-    path = Path(out) if out else run / "report.html"
-    H.write(path, H.page(f"medclf report: {run.name}", subtitle, sections))
-    if stores_given is None and (run / "metrics.json").is_file():  # `medclf report RUN`: the card follows the code
-        from ..model_card import write_model_card
-
-        write_model_card(run)
-    return str(path)
 
 
 def _out_of_fold(run: Path, classes: list[str], threshold: float | None) -> dict:
@@ -423,7 +435,7 @@ def write_run_outputs(out: Path, results: dict, curves: dict[str, tuple[np.ndarr
 
     write_model_card(out)
     shown = next(split for split in ("test", "val", "oof") if split in results and split in curves)
-    problems = figures.save_run_plots(out, out / "history.csv", results[shown]["confusion_matrix"], classes,
+    problems = figures.save_run_plots(out, out / "history.csv", results[shown].get("confusion_matrix"), classes,
                                       *curves[shown], split=shown)
     try:
         report(out, stores=stores, predictions={s: p for s, (_, p) in curves.items()}, device=device)
