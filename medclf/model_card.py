@@ -24,6 +24,10 @@ from .metrics import METHOD_VAL_SELECTED
 
 CARD = "model_card.md"
 HEADLINE = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auc": "ROC AUC", "f1_macro": "macro F1"}
+# multi-label runs (metrics.MULTILABEL_HEADLINE): threshold-free ranking metrics first
+MULTILABEL_HEADLINE = {"auc": "macro ROC AUC", "auc_micro": "micro ROC AUC",
+                       "average_precision_macro": "macro average precision",
+                       "accuracy": "label accuracy (mean over labels, each at its threshold)"}
 SPLIT_WORDS = {"val": "validation", "test": "test", "oof": "out-of-fold (cross-validation)"}
 SMALL_SPLIT = 200  # images: below this a split's 95% intervals are wide (metrics.SMALL_ESTIMATE_N says the same)
 SETTINGS = ("model", "weights", "finetune", "size", "channels", "stem", "epochs", "batch_size", "lr", "weight_decay",
@@ -32,20 +36,28 @@ SETTINGS = ("model", "weights", "finetune", "size", "channels", "stem", "epochs"
             "device", "precision")
 
 
-def headline_intervals(labels: np.ndarray, probs: np.ndarray, classes: list[str], n_boot: int = 1000,
-                       seed: int = 0) -> dict:
+def headline_intervals(labels: np.ndarray, probs: np.ndarray, classes: list[str], thresholds=None,
+                       n_boot: int = 1000, seed: int = 0) -> dict:
     """{"ci95": {metric: [low, high] or None}, "ece": top-label calibration error} for one split's predictions:
-    the percentile bootstrap report.html uses, stored in metrics.json so the model card can quote it."""
-    from .metrics import metric_functions
+    the percentile bootstrap report.html uses, stored in metrics.json so the model card can quote it.
+    Multi-label labels (N×L): the MULTILABEL_HEADLINE metrics at the per-label `thresholds`; no ECE."""
+    from .metrics import metric_functions, multilabel_functions
     from .stats import bootstrap_ci, expected_calibration_error
 
-    funcs = metric_functions(classes)
+    multilabel = np.ndim(labels) == 2
+    funcs = multilabel_functions(classes, thresholds) if multilabel else metric_functions(classes)
     cis = {}
-    for name in HEADLINE:
+    for name in (MULTILABEL_HEADLINE if multilabel else HEADLINE):
         low, high = bootstrap_ci(funcs[name], labels, probs, n_boot=n_boot, seed=seed)
         cis[name] = [low, high] if np.isfinite(low) and np.isfinite(high) else None
-    ece = expected_calibration_error(labels, probs) if len(labels) else None
+    ece = expected_calibration_error(labels, probs) if len(labels) and not multilabel else None
     return {"ci95": cis, "ece": ece}
+
+
+def headline_of(entry: dict) -> dict[str, str]:
+    """The headline metrics (name → words) of a metrics.json split or estimate entry: multi-label or not."""
+    multilabel = entry.get("task") == "multi-label" or "per_label" in entry or "auc_micro" in entry
+    return MULTILABEL_HEADLINE if multilabel else HEADLINE
 
 
 def write_model_card(run: str | Path) -> Path:
@@ -65,11 +77,11 @@ def card_headline(run: Path | None) -> dict:
     """What a page or API shows next to predictions: the intended use and metrics.json's headline numbers."""
     metrics = _json(run / "metrics.json") if run is not None else {}
     est = metrics.get("estimate") or {}
-    splits = {split: {"n": metrics[split].get("n"), **{m: metrics[split].get(m) for m in HEADLINE}}
+    splits = {split: {"n": metrics[split].get("n"), **{m: metrics[split].get(m) for m in headline_of(metrics[split])}}
               for split in ("val", "oof", "test") if split in metrics}
     return {"intended_use": INTENDED_USE, "card": str(run / CARD) if run is not None and (run / CARD).is_file() else None,
             "estimate": {"method": est.get("method"), "n": est.get("n"),
-                         **{m: est[m] for m in HEADLINE if m in est}} if est else None,
+                         **{m: est[m] for m in headline_of(est) if m in est}} if est else None,
             "splits": splits, "warnings": est.get("warnings", [])}
 
 
@@ -318,7 +330,7 @@ def _quantitative(metrics: dict, classes: list[str]) -> str:
     text = "## Quantitative analyses\n\n"
     est = metrics.get("estimate")
     if est:
-        rows = [[label, fmt(est[m]["value"]), _ci(est[m]["ci95"])] for m, label in HEADLINE.items() if m in est]
+        rows = [[label, fmt(est[m]["value"]), _ci(est[m]["ci95"])] for m, label in headline_of(est).items() if m in est]
         text += (f"### Expected performance on new images (estimate)\n\nFrom {est['n']} images, method: "
                  f"{est['method']}.\n\n" + _table(["metric", "value", "95% CI"], rows))
         text += "".join(f"\n> {w}\n" for w in est.get("warnings", []))
@@ -326,13 +338,21 @@ def _quantitative(metrics: dict, classes: list[str]) -> str:
     for split in splits:
         m = metrics[split]
         cis = m.get("ci95") or {}
-        rows = [[label, fmt(m.get(key)), _ci(cis.get(key))] for key, label in HEADLINE.items()]
+        rows = [[label, fmt(m.get(key)), _ci(cis.get(key))] for key, label in headline_of(m).items()]
         text += f"\n### {SPLIT_WORDS[split].capitalize()} ({m.get('n', '?')} images)\n\n"
         text += _table(["metric", "value", "95% CI"], rows)
-        per_class = m.get("per_class", {})
-        rows = [[f"`{c}`", fmt(per_class[c]["recall"]), fmt(per_class[c]["specificity"]),
-                 fmt(per_class[c]["precision"]), per_class[c]["support"]] for c in classes if c in per_class]
-        text += "\n" + _table(["class", "sensitivity", "specificity", "precision", "images"], rows)
+        if "per_label" in m:
+            per_label = m["per_label"]
+            rows = [[f"`{c}`", fmt(per_label[c]["auc"]), fmt(per_label[c]["threshold"]),
+                     fmt(per_label[c]["sensitivity"]), fmt(per_label[c]["specificity"]),
+                     fmt(per_label[c]["precision"]), per_label[c]["support"]] for c in classes if c in per_label]
+            text += "\n" + _table(["label", "ROC AUC", "threshold", "sensitivity", "specificity", "precision",
+                                    "positive images"], rows)
+        else:
+            per_class = m.get("per_class", {})
+            rows = [[f"`{c}`", fmt(per_class[c]["recall"]), fmt(per_class[c]["specificity"]),
+                     fmt(per_class[c]["precision"]), per_class[c]["support"]] for c in classes if c in per_class]
+            text += "\n" + _table(["class", "sensitivity", "specificity", "precision", "images"], rows)
         if m.get("ece") is not None:
             text += f"\nCalibration: ECE {fmt(m['ece'])}.\n"
         threshold = m.get("threshold")

@@ -427,7 +427,7 @@ def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig
             threshold = choose_threshold(labels, probs)  # multi-label: a list, one per label
         results[name] = evaluate_predictions(labels, probs, spec["classes"], threshold)
         results[name]["tta"] = cfg.tta
-        results[name].update(headline_intervals(labels, probs, spec["classes"]))  # the model card quotes them
+        results[name].update(headline_intervals(labels, probs, spec["classes"], threshold))  # the card quotes them
         curves[name] = (labels, probs)
     if threshold is not None:  # predict/evaluate reuse the validation threshold(s)
         ckpt["thresholds" if tasks.is_multilabel(spec) else "threshold"] = threshold

@@ -355,3 +355,21 @@ def test_compare_shares_a_multilabel_csv_split_that_reopens_with_the_same_labels
     assert reopened.task == sources.MULTILABEL and reopened.classes == FINDINGS
     for split in ("train", "val", "test"):
         assert np.array_equal(reopened.splits[split].labels, original.splits[split].labels)
+
+
+def test_model_card_of_a_multi_label_run_quotes_metrics_json(trained):
+    """The card's headline rows are the multi-label ones with metrics.json's CIs, and each label's AUC and
+    threshold appear as metrics.json gives them."""
+    from medclf.model_card import MULTILABEL_HEADLINE, fmt
+
+    _, run = trained
+    card = (run / "model_card.md").read_text()
+    saved = json.loads((run / "metrics.json").read_text())
+    for split in ("val", "test"):
+        m = saved[split]
+        for key, words in MULTILABEL_HEADLINE.items():
+            low, high = m["ci95"][key]
+            assert f"| {words} | {fmt(m[key])} | [{fmt(low)}, {fmt(high)}] |" in card, (split, key)
+        for name, row in m["per_label"].items():
+            assert f"| `{name}` | {fmt(row['auc'])} | {fmt(row['threshold'])} |" in card, (split, name)
+    assert m["ece"] is None
