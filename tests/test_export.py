@@ -118,7 +118,8 @@ def onnx_export(tiny_run, tmp_path_factory) -> Path:
 
 def test_export_writes_model_and_manifest(onnx_export, tiny_run):
     manifest = json.loads((onnx_export / "manifest.json").read_text())
-    assert manifest["files"] == {"model": "model.onnx", "format": "onnx"}
+    assert manifest["files"] == {"model": "model.onnx", "format": "onnx", "model_card": "model_card.md"}
+    assert (onnx_export / "model_card.md").read_text() == (tiny_run / "model_card.md").read_text()  # travels along
     assert manifest["opset"] >= 18
     assert manifest["weights_sha256"] == weights_sha256(read_checkpoint(tiny_run)["state_dict"])
     import onnx
