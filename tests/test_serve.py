@@ -307,7 +307,7 @@ def test_uvicorn_under_load(server, images):
 
 
 CHROMEDRIVER = shutil.which("chromedriver")
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser")), None)
+CHROMIUM = next(filter(None, (shutil.which(n) for n in ("chromium", "chromium-browser"))), None)  # first found
 needs_browser = pytest.mark.skipif((CHROMEDRIVER is None or CHROMIUM is None) and not REQUIRED,
                                    reason="Chromium and chromedriver not installed (Debian: chromium chromium-driver)")
 
