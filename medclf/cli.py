@@ -262,6 +262,8 @@ def doctor_command(data: str, out: str, strict: bool, options: dict) -> int:
         print(line)
     print(f"doctor → {out}/doctor.html, {out}/doctor.json")
     return FINDINGS_EXIT if strict and has_leakage(findings) else 0
+
+
 def export_command(args: argparse.Namespace) -> None:
     import medclf
 

@@ -57,8 +57,11 @@ def assign_folds(labels: np.ndarray, groups: list[str] | None, k: int, seed: int
     if len(labels) < k or counts[counts > 0].min() < k:
         raise MedclfError(f"--folds {k} needs at least {k} images of every class in train+val "
                           f"(the smallest class has {counts[counts > 0].min()}); use fewer folds")
+    if groups is not None and len(set(groups)) < k:  # k folds of whole patients need k patients at least
+        raise MedclfError(f"--folds {k} needs at least {k} patients/groups to keep each patient in one fold "
+                          f"(the data has {len(set(groups))}); use fewer folds")
     fold = np.full(len(labels), -1)
-    if groups is not None and len(set(groups)) >= k:
+    if groups is not None:
         cutter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         parts = cutter.split(np.zeros(len(labels)), labels, groups)
     else:

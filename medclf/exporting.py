@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from . import atomic
 from .errors import MedclfError
 from .inference import preprocess
 from .manifest import SINGLE_LABEL, build_manifest
+from .model_card import CARD
 from .models import load_model, resolve_model_path
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -70,6 +72,10 @@ def export(run_or_model: str | Path, format: str = "onnx", out: str | Path | Non
         write_torchscript(deployable, ckpt, folder / FORMATS["torchscript"])
     manifest["files"] = {"model": FORMATS[format], "format": format}
     manifest["recommended_model"] = FORMATS[format]
+    card = model_path.parent / CARD
+    if card.is_file():  # the model card travels with the model
+        shutil.copyfile(card, folder / CARD)
+        manifest["files"]["model_card"] = CARD
     if quantize:
         from .quantize import quantize_int8
 

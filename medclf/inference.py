@@ -181,6 +181,12 @@ def input_store(ckpt: dict[str, Any], inputs: list[str], skip_bad: bool = False)
 
 
 def labels_from_parent_folders(paths: list[str], classes: list[str]) -> np.ndarray:
-    """Known labels for images that sit in a folder named after a class (e.g. test/NORMAL/x.jpeg); -1 otherwise."""
+    """Known labels for images that sit in a folder named after a class (e.g. test/NORMAL/x.jpeg), or one level
+    below it as the Kaggle COVID-19 layout keeps them (COVID/images/x.png); -1 otherwise."""
     index = {c: i for i, c in enumerate(classes)}
-    return np.array([index.get(Path(p).parent.name, -1) for p in paths], dtype=np.int64)
+
+    def label(path: str) -> int:
+        parent = Path(path).parent
+        return index.get(parent.name, index.get(parent.parent.name, -1))
+
+    return np.array([label(p) for p in paths], dtype=np.int64)

@@ -77,8 +77,10 @@ def decode_rule(checkpoint: dict[str, Any]) -> dict[str, Any]:
             "palette/alpha": "RGBA composited on black, then RGB; LA/1 → L",
         }),
     }
-    if checkpoint.get("dicom"):  # a DICOM-trained checkpoint says how its pixel values were windowed
-        rule["dicom"] = checkpoint["dicom"]
+    if checkpoint.get("dicom_mapping"):  # the rule that turned DICOM files into 8-bit images in training
+        from .data.dicom import MAPPING_STEPS
+
+        rule["dicom"] = {"mapping": checkpoint["dicom_mapping"], "steps": list(MAPPING_STEPS)}
     return rule
 
 

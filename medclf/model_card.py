@@ -310,13 +310,21 @@ def _evaluation_data(metrics: dict, fingerprint: dict) -> str:
 def _preprocessing(config: dict, ckpt: dict) -> str:
     crop = ckpt.get("crop", 1.0)
     return ("## Preprocessing\n\n"
-            f"1. Decode the image (PNG/JPEG/…; 16-bit and DICOM scaled to 8 bits), convert to "
+            f"1. Decode the image (PNG/JPEG/…; 16-bit and DICOM scaled to 8 bits"
+            f"{_dicom_rule(ckpt)}), convert to "
             f"{ckpt.get('in_chans', '?')} channel(s), resize to {ckpt.get('store_size', ckpt.get('input_size', '?'))} px.\n"
             f"2. Keep the centre {fmt(crop, 3)} of each side and resize to {ckpt.get('input_size', '?')} px.\n"
             f"3. Scale to [0, 1], subtract mean {ckpt.get('mean')} and divide by std {ckpt.get('std')}.\n"
             f"4. Training only: augmentation preset `{config.get('augment', '?')}`"
             f"{', intensity ' + str(config['intensity']) if config.get('intensity') else ''}; "
             f"test-time augmentation {'on (flip)' if config.get('tta') else 'off'}.\n")
+
+
+def _dicom_rule(ckpt: dict) -> str:
+    """The DICOM mapping the checkpoint records, so a deployer applies the same windowing and inversion."""
+    mapping = ckpt.get("dicom_mapping")
+    return (f"; DICOM by mapping `{mapping}`: Modality LUT, the file's VOI LUT or window, MONOCHROME1 inverted "
+            "(medclf/data/dicom.py, manifest.json `decode.dicom`)") if mapping else ""
 
 
 def _training_settings(config: dict, plan: dict) -> str:

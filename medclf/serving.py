@@ -217,9 +217,27 @@ def _check_pixel_count(name: str, data: bytes, max_pixels: int) -> None:
     except Image.DecompressionBombError as exc:  # PIL's own refusal, far above any limit medclf sets
         raise HTTPException(413, f"{name}: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return  # not a PIL image: decode_image reports it (or decodes DICOM)
+        size = _dicom_size(data)
+        if size is None:
+            return  # neither a PIL image nor a DICOM header: decode_image reports it
+        width, height = size
     if width * height > max_pixels:
         raise HTTPException(413, f"{name}: {width}×{height} pixels is more than the {max_pixels} allowed")
+
+
+def _dicom_size(data: bytes) -> tuple[int, int] | None:
+    """(columns × frames, rows) from a DICOM upload's header, so that --max-pixels holds for DICOM (a compressed
+    one can claim any size); None when the bytes are no DICOM with image dimensions."""
+    if data[128:132] != b"DICM":
+        return None
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        return int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows)
+    except (InvalidDicomError, AttributeError, EOFError, ValueError, TypeError, KeyError, OSError):
+        return None  # the decoder names what is wrong with it
 
 
 def decode_uploads(ckpt: dict, uploads: list[tuple[str, bytes]]) -> torch.Tensor:

@@ -88,6 +88,13 @@ def test_folds_group_a_patients_images_together():
     assert all(np.bincount(labels[fold == f]).min() > 0 for f in range(3))  # still stratified
 
 
+def test_fewer_patients_than_folds_is_refused_not_silently_ungrouped():
+    names = [f"person{p}_bacteria_{i}.jpeg" for p in range(3) for i in range(4)]  # 3 patients, 12 images
+    labels = np.array([0, 1] * 6)
+    with pytest.raises(MedclfError, match="--folds 4 needs at least 4 patients/groups"):
+        crossval.assign_folds(labels, splits.patient_groups(names), 4, seed=0)
+
+
 def test_too_few_images_for_the_folds_is_one_line():
     with pytest.raises(MedclfError, match="--folds 5 needs at least 5 images of every class"):
         crossval.assign_folds(np.array([0, 0, 0, 1, 1, 1, 1, 1]), None, 5, seed=0)

@@ -82,6 +82,26 @@ def test_patient_ids_become_groups_when_every_image_is_a_dicom(tmp_path, gray):
     assert groups.dicom_groups(paths + [str(png)]) is None  # mixed files: no DICOM grouping
 
 
+def test_an_unreadable_dicom_is_skipped_or_listed_not_fatal_to_the_grouping(tmp_path, gray, capsys):
+    import medclf
+
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            for i in range(2):
+                write_kind(data / split / cls / f"{i}.dcm", gray, "mono8", patient=f"{split}{cls}{i}")
+    broken = data / "train" / "a" / "broken.dcm"
+    broken.write_bytes(b"not a dicom file at all")
+    paths = [str(p) for p in sorted(data.rglob("*.dcm"))]
+    found = groups.dicom_groups(paths)
+    assert found[paths.index(str(broken))] == str(broken) and "traina0" in found  # the others keep their patients
+    findings = medclf.doctor(data, out=None, progress=False)
+    assert [u["item"] for u in findings["unreadable"]] == [str(broken)]
+    assert main(["train", str(data), "--epochs", "1", "--no-plan", "--skip-bad", "--no-cache", "--batch-size", "4",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert str(broken) in (tmp_path / "run" / "skipped.txt").read_text()
+
+
 def test_mapping_recorded_in_a_checkpoint_must_match():
     dicom.check_mapping({"dicom_mapping": dicom.MAPPING})
     dicom.check_mapping({})  # checkpoints from before DICOM support

@@ -56,6 +56,17 @@ def test_manifest_reads_task_and_thresholds_when_the_checkpoint_has_them(tiny_ru
     assert manifest["source"]["run"] is None
 
 
+def test_manifest_states_the_dicom_mapping_the_checkpoint_recorded(tiny_run):
+    from medclf.data import dicom
+
+    ckpt = read_checkpoint(tiny_run)
+    assert ckpt["dicom_mapping"] == dicom.MAPPING  # training records it
+    rule = build_manifest(ckpt, tiny_run)["decode"]["dicom"]
+    assert rule["mapping"] == dicom.MAPPING and any("MONOCHROME1" in step for step in rule["steps"])
+    older = {k: v for k, v in ckpt.items() if k != "dicom_mapping"}
+    assert "dicom" not in build_manifest(older, None)["decode"]
+
+
 def test_weights_hash_changes_with_any_weight():
     state = {"a": torch.zeros(3), "n": torch.tensor(0)}
     same = {"n": torch.tensor(0), "a": torch.zeros(3)}
@@ -107,7 +118,8 @@ def onnx_export(tiny_run, tmp_path_factory) -> Path:
 
 def test_export_writes_model_and_manifest(onnx_export, tiny_run):
     manifest = json.loads((onnx_export / "manifest.json").read_text())
-    assert manifest["files"] == {"model": "model.onnx", "format": "onnx"}
+    assert manifest["files"] == {"model": "model.onnx", "format": "onnx", "model_card": "model_card.md"}
+    assert (onnx_export / "model_card.md").read_text() == (tiny_run / "model_card.md").read_text()  # travels along
     assert manifest["opset"] >= 18
     assert manifest["weights_sha256"] == weights_sha256(read_checkpoint(tiny_run)["state_dict"])
     import onnx

@@ -103,6 +103,15 @@ def test_masks_and_macos_folders_are_skipped_everywhere(tmp_path):
     assert len(predicted) == 10
 
 
+def test_predict_knows_the_class_of_a_covid_layout_image(tmp_path):
+    from medclf.inference import labels_from_parent_folders
+
+    data = write_covid_layout(tmp_path / "covid") / "COVID-19_Radiography_Dataset"
+    paths = [str(p) for p in sources.open_inputs([str(data / "Lung_Opacity"), str(data / "COVID")]).paths]
+    labels = labels_from_parent_folders(paths + ["elsewhere/x.png"], list(COVID_CLASSES))
+    assert labels.tolist() == [1] * 10 + [0] * 10 + [-1]
+
+
 def test_dataset_root_walks_wrappers_but_not_into_a_class(tmp_path):
     data = write_kermany_layout(tmp_path / "archive", train_patients=2)
     assert layouts.dataset_root(data) == data / "chest_xray"  # __MACOSX beside it is not a second folder

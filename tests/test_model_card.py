@@ -95,6 +95,14 @@ def test_card_ci_equals_bootstrap_of_predictions():
     assert got["ece"] == expected_calibration_error(labels, probs)
 
 
+def test_card_names_the_dicom_mapping_the_checkpoint_records(single_run):
+    from medclf.data import dicom
+
+    card = (single_run / "model_card.md").read_text()
+    preprocessing = card[card.index("## Preprocessing"):card.index("## Training settings")]
+    assert f"DICOM by mapping `{dicom.MAPPING}`" in preprocessing
+
+
 def test_report_regenerates_card_and_run_files_include_it(single_run):
     assert "model_card.md" in RUN_FILES
     (single_run / "model_card.md").unlink()

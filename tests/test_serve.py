@@ -154,6 +154,18 @@ def test_decompression_bomb_is_refused_before_decoding(client, side, says):
     assert says in detail
 
 
+def test_dicom_claiming_too_many_pixels_is_refused_like_a_png(client, tmp_path):
+    path = write_kind(tmp_path / "big.dcm", np.zeros((8, 8), np.uint8), "mono8")
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = 8_000, 8_000  # the header's claim; --max-pixels must hold before any decoding
+    ds.save_as(path)
+    detail = one_line_error(client.post("/predict", files=upload("big.dcm", path.read_bytes(), "application/dicom")),
+                            413)
+    assert "8000×8000 pixels is more than the 50000000 allowed" in detail
+
+
 @pytest.fixture
 def blocked_worker(monkeypatch):
     """The worker's forward pass waits for `release`; `started` is set when the first one begins."""
@@ -295,7 +307,7 @@ def test_uvicorn_under_load(server, images):
 
 
 CHROMEDRIVER = shutil.which("chromedriver")
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser")), None)
+CHROMIUM = next(filter(None, (shutil.which(n) for n in ("chromium", "chromium-browser"))), None)  # first found
 needs_browser = pytest.mark.skipif((CHROMEDRIVER is None or CHROMIUM is None) and not REQUIRED,
                                    reason="Chromium and chromedriver not installed (Debian: chromium chromium-driver)")
 

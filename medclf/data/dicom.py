@@ -24,6 +24,17 @@ from ..errors import MedclfError
 
 MAPPING = "dicom-v1"  # bump when the steps above change: checkpoints and cached stores name the mapping they used
 SUFFIXES = {".dcm", ".dicom"}
+# the mapping's steps in words, for manifest.json (a consumer without medclf must reproduce them for DICOM input)
+MAPPING_STEPS = (
+    "read with pydicom; single-frame only (multi-frame files are refused)",
+    "Modality LUT (Rescale Slope/Intercept, or the Modality LUT Sequence)",
+    "VOI: the first VOI LUT, else the first stored window (Window Center/Width, with its VOI LUT Function), "
+    "its whole output range mapped linearly onto 0..255, rounded",
+    "no VOI LUT or window: 8-bit data unchanged, wider data min..max of the image's own values onto 0..255, rounded",
+    "MONOCHROME1 inverted (255 - value)",
+    "colour (RGB; YBR converted to RGB by pydicom): 8-bit unchanged, wider data min..max onto 0..255",
+    "then the same resize, crop and channel steps as any other image",
+)
 PREAMBLE_BYTES = 132  # a 128-byte preamble, then "DICM"
 DECODER_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
 

@@ -35,11 +35,20 @@ def pattern_groups(paths: Sequence[str], pattern: str) -> list[str]:
 
 
 def dicom_groups(paths: Sequence[str]) -> list[str] | None:
-    """PatientID (else StudyInstanceUID) of every image when every image is a DICOM naming one; else None."""
+    """PatientID (else StudyInstanceUID) of every image when every image is a DICOM naming one; else None.
+    A file whose header cannot be read is its own group: the store skips it (--skip-bad) or names it, and
+    `medclf doctor` lists it as unreadable, instead of the grouping failing for the whole data set."""
     if not paths or not all(dicom.is_dicom(p) for p in paths):
         return None
-    groups = [dicom.group_of(p) for p in paths]
+    groups = [_group_or_path(p) for p in paths]
     return None if any(g is None for g in groups) else groups
+
+
+def _group_or_path(path: str) -> str | None:
+    try:
+        return dicom.group_of(path)
+    except MedclfError:
+        return path
 
 
 def find_groups(paths: Sequence[str], pattern: str | None = None) -> tuple[list[str] | None, str | None]:
