@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .data import npz, splits
+from .data import npz
 from .data.sources import Source, Split, notice, open_source
 from .errors import MedclfError
 
@@ -250,10 +250,9 @@ def pair_findings(pairs, images: Images, kind: str) -> tuple[list[dict], list[di
 # ---------------------------------------------------------------- groups, labels, counts
 
 def split_groups(source: Source) -> dict[str, list[str] | None]:
-    """Each split's groups (patients): Split.groups, else patients from Kermany-style file names."""
-    return {name: split.groups if split.groups is not None
-            else (splits.patient_groups(split.paths) if split.paths else None)
-            for name, split in source.splits.items()}
+    """Each split's groups (patients) as opening the data found them (`data/groups.py find_groups`: a label
+    file's column, --group-pattern, DICOM tags, Kermany-style file names)."""
+    return {name: split.groups for name, split in source.splits.items()}
 
 
 def group_overlap(source: Source) -> list[dict]:
