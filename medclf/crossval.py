@@ -123,7 +123,7 @@ def train_folds(cfg: TrainConfig, source, stores: dict[str, Store], spec: dict, 
     results = {"oof": evaluate_predictions(labels, oof, spec["classes"], threshold, chosen_on="out-of-fold")}
     results["oof"]["tta"] = cfg.tta
     results["oof"].update(headline_intervals(labels, oof, spec["classes"]))  # the model card quotes them
-    results["estimate"] = estimate(labels, oof, spec["classes"], METHOD_OOF.format(k=k))
+    results["estimate"] = estimate(labels, oof, spec["classes"], METHOD_OOF.format(k=k), cis=results["oof"]["ci95"])
     extra = {"config": resolved, "threshold": threshold, "folds": k}
     if cfg.refit:
         epochs = int(math.ceil(np.median([len(h) for h in histories])))  # as long as the folds trained

@@ -243,9 +243,11 @@ def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray, classes: list[st
 
 
 def estimate(labels: np.ndarray, probs: np.ndarray, classes: list[str], method: str, n_boot: int = 1000,
-             seed: int = 0) -> dict:
+             seed: int = 0, cis: dict | None = None) -> dict:
     """What to expect on new images from the same source: each headline metric with its 95% percentile
     bootstrap CI, the `method` (METHOD_OOF, METHOD_VAL or METHOD_VAL_SELECTED), n and one-line warnings.
+    `cis`: the same images' headline CIs already bootstrapped (a metrics.json split's `ci95`, same n_boot and
+    seed), used instead of resampling again.
 
     Undefined metrics (AUC with one class) have value and ci95 None; the result is JSON-safe."""
     labels, probs = np.asarray(labels), np.asarray(probs)
@@ -256,7 +258,10 @@ def estimate(labels: np.ndarray, probs: np.ndarray, classes: list[str], method: 
     result: dict = {"method": method, "n": int(len(labels))}
     for name in names:
         value = funcs[name](labels, probs)
-        ci = bootstrap_ci(funcs[name], labels, probs, n_boot=n_boot, seed=seed)
+        if cis is None:
+            ci = bootstrap_ci(funcs[name], labels, probs, n_boot=n_boot, seed=seed)
+        else:
+            ci = tuple(cis[name]) if cis[name] is not None else (float("nan"), float("nan"))
         defined = np.isfinite(value) and all(np.isfinite(ci))
         result[name] = {"value": value, "ci95": list(ci) if defined else None}
     result["warnings"] = estimate_warnings(result)

@@ -434,7 +434,7 @@ def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig
         atomic.torch_save(ckpt, out / "model.pt")
     if "val" in curves and len(curves["val"][0]):
         method = METHOD_VAL if cfg.checkpoint == "final" else METHOD_VAL_SELECTED
-        results["estimate"] = estimate(*curves["val"], spec["classes"], method)
+        results["estimate"] = estimate(*curves["val"], spec["classes"], method, cis=results["val"]["ci95"])
     results = json_safe(results)
     atomic.write_text(out / "metrics.json", json.dumps(results, indent=2))
     summary = ", ".join(f"{s} acc {r['accuracy']:.4f} auc {r['auc'] if r['auc'] is None else round(r['auc'], 4)}"

@@ -96,3 +96,25 @@ def test_broken_oof_file_is_one_line_error(tmp_path, text, message):
     (tmp_path / "oof.csv").write_text(text)
     with pytest.raises(MedclfError, match=message):
         read_oof(tmp_path)
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_estimate_from_the_splits_ci95_equals_bootstrapping_again(multilabel):
+    """Training passes a split's `ci95` (model_card.headline_intervals) to `estimate` instead of resampling the
+    same images twice: the result must be what resampling gives."""
+    from medclf.evaluation import choose_threshold
+    from medclf.metrics import METHOD_VAL, estimate
+    from medclf.model_card import headline_intervals
+
+    rng = np.random.default_rng(3)
+    if multilabel:
+        y = (rng.random((150, 3)) < 0.4).astype(int)
+        p = np.clip(0.4 * y + 0.6 * rng.random((150, 3)), 0, 1)
+    else:
+        y = rng.integers(0, 2, 150)
+        p = rng.dirichlet([1, 1], 150)
+        p[np.arange(150), y] += 0.3
+        p /= p.sum(1, keepdims=True)
+    classes = ["a", "b", "c"][: p.shape[1]]
+    cis = headline_intervals(y, p, classes, choose_threshold(y, p))["ci95"]
+    assert estimate(y, p, classes, METHOD_VAL, cis=cis) == estimate(y, p, classes, METHOD_VAL)
