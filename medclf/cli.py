@@ -116,6 +116,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config.yaml of an earlier run (flags override it)")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine (DistributedDataParallel "
+                   "through torchrun's launcher; one per GPU on CUDA); see README for torchrun across machines")
 
     p = sub.add_parser("plan", help="fingerprint DATA and plan its training (size, stem, epochs for the time budget, ...)")
     p.add_argument("data", help="folder, .csv/.tsv label file, .npz, or dataset name (see `medclf datasets`)")
@@ -200,13 +202,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     import medclf
 
     if args.command == "train":
-        flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "force")}
+        flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "force", "nproc")}
         if not args.data and not args.config and not args.resume:
             raise MedclfError("give DATA, --config or --resume")
+        if args.nproc is not None:
+            from . import distributed
+
+            distributed.check_nproc(args.nproc)
+            if args.nproc > 1 and not distributed.World.from_environment().active:
+                from .training import preflight
+
+                preflight(args.config, resume=args.resume, **flags)
+                return distributed.launch(sys.argv[1:] if argv is None else argv, args.nproc)
         medclf.train(args.config, force=args.force, resume=args.resume, **flags)
     elif args.command == "plan":
         medclf.plan(args.data, time_budget=args.time_budget, out=None if args.out == "-" else args.out,
@@ -317,7 +328,7 @@ def serve_command(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run(get_args_parser().parse_args(argv))
+        return run(get_args_parser().parse_args(argv), argv)
     except MedclfError as exc:
         print(f"medclf: error: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ CHOICES = {
     "monitor": ("auc", "accuracy", "balanced_accuracy", "f1_macro", "loss"),
     "channels": (1, 3),
     "checkpoint": ("final", "best"),
+    "backend": ("gloo", "nccl"),
 }
 
 
@@ -75,11 +76,12 @@ RANGES = {
     "time_budget": Interval(0, low_open=True),
     "val_fraction": Interval(0, 1, low_open=True, high_open=True),  # training selects on a validation split
     "test_fraction": Interval(0, 1, high_open=True),
+    "world_size": Interval(1),
 }
 
 # settings that are no flag of their own (--no-plan, --no-cache) or no flag at all: named as in config.yaml
 NOT_FLAGS = {"data": "DATA", "plan": "plan", "cache": "cache", "val_fraction": "val_fraction",
-             "test_fraction": "test_fraction"}
+             "test_fraction": "test_fraction", "world_size": "world_size", "backend": "backend"}
 TYPE_WORDS = {int: "an integer", float: "a number", str: "text", bool: "true or false", type(None): "null"}
 
 
@@ -135,6 +137,9 @@ class TrainConfig:
     group_col: str | None = None
     group_pattern: str | None = None  # regex on file names whose first group (or match) is the patient
     no_finding: str | None = None  # multi-label label file: the label of an image without findings (default No Finding)
+    # how the run was run, recorded (not chosen: torchrun decides): processes training together, their backend
+    world_size: int = 1
+    backend: str | None = None  # gloo (CPU) or nccl (CUDA) when world_size > 1
 
     def validate(self) -> "TrainConfig":
         """Every setting checked for type and range (paths become text); MedclfError names the first bad one."""

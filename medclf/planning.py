@@ -338,8 +338,10 @@ def _checkpoint_rule(folds: int, n_val: int) -> tuple[str, str]:
 
 def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict | None = None,
               fixed: dict[str, Any] | None = None, device: str = "auto", do_probe: bool = True,
-              probe_seconds: float = 8.0) -> dict[str, Any]:
-    """Settings with reasons. `fixed`: settings the user chose (they win and skip the matching decisions)."""
+              probe_seconds: float = 8.0, world_size: int = 1) -> dict[str, Any]:
+    """Settings with reasons. `fixed`: settings the user chose (they win and skip the matching decisions).
+    `world_size`: processes training together (torchrun): batch_size is each one's, the learning rate follows
+    the global batch, and the budget is each process's, fitted to its 1/world_size share of every epoch."""
     fixed = dict(fixed or {})
     budget = float(fixed.get("time_budget") or time_budget or fp.get("planned_budget") or DEFAULT_BUDGET)
     n_train = int(fp["images"].get("train", 0))
@@ -364,7 +366,9 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
     default_why = ("the sample's own short budget" if fp.get("planned_budget") and not time_budget else "default")
     decide("time_budget", budget, f"{budget:g} min {default_why}; the schedule is finished early to end there")
     decide("batch_size", _batch_size(n_train), f"{n_train} training images: enough optimizer steps per epoch "
-                                               f"and an efficient batch")
+                                               f"and an efficient batch"
+                                               + (f", per process ({world_size} processes)" if world_size > 1 else ""))
+    global_batch = settings["batch_size"] * world_size
     imbalance = fp.get("imbalance_ratio") or 1.0
     balance = balance_for(imbalance)
     decide("balance", balance,
@@ -379,9 +383,11 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
             if augment == "strong" else "light (flip, resized crop ±25% area, ±10°): geometry a scan plausibly varies by")
            + f"; inference sees the centre {PRESETS[augment].eval_crop:.0%} of each side, the mean training crop")
     decide("intensity", *intensity_for(channels))
-    decide("lr", 5e-4 if finetune else 1e-3 * math.sqrt(settings["batch_size"] / 64),
+    decide("lr", 5e-4 if finetune else 1e-3 * math.sqrt(global_batch / 64),
            "5e-4: fine-tuning keeps the pretrained features" if finetune else
-           "AdamW 1e-3 at batch 64, square-root scaled with the batch")
+           "AdamW 1e-3 at batch 64, square-root scaled with the batch" + (
+               f" (the global batch: {settings['batch_size']} × {world_size} processes = {global_batch})"
+               if world_size > 1 else ""))
     decide("schedule", "cosine", "cosine decay sized to the planned epochs; early stopping, saturated validation or a "
                                  "binding budget bring its end forward, so it always anneals to 0")
     if k == 2 and n_val >= MIN_VAL_FOR_AUC:
@@ -425,6 +431,9 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
     if multilabel:
         decide("folds", 0, "multi-label: cross-validation folds are stratified by class, which a multi-label task "
                            "lacks; one model, validated on the val split")
+    elif world_size > 1 and "folds" not in fixed:
+        decide("folds", 0, f"{world_size} processes train one model together; cross-validation trains its models "
+                           "one after another in one process")
     elif "folds" not in fixed and n_total < CV_MAX_IMAGES and smallest < CV_FOLDS:
         decide("folds", 0, f"{n_total} images would favour cross-validation, but the smallest class has {smallest} "
                            f"image(s), fewer than {CV_FOLDS} folds: one model, validated on the val split")
@@ -447,7 +456,8 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
         fold_train, fold_val = n_total * (folds - 1) // folds, n_total // folds
     else:
         fold_train, fold_val = n_train, n_val
-    search = _choose_size(cands, measure, fold_train, fold_val, budget / models_trained)
+    # each of world_size processes trains and validates 1/world_size of every epoch: as if the budget were that larger
+    search = _choose_size(cands, measure, fold_train, fold_val, budget / models_trained * world_size)
     stem, size, why, measured = search["chosen"]
     if base is None:
         decide("size", size, why)
@@ -456,6 +466,8 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
         settings["size"], reasons["size"] = size, why
         settings["stem"], reasons["stem"] = stem, "inherited from the base model"
     per_model = f" (the budget split over {models_trained} models)" if models_trained > 1 else ""
+    if world_size > 1:
+        per_model += f" (each of {world_size} processes trains 1/{world_size} of every epoch in that time)"
     if "epochs" in fixed:
         decide("epochs", fixed["epochs"], "")
         reasons["epochs"] = "set by you (so no timing probe)"
@@ -477,7 +489,7 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
                "off: a short cosine schedule peaks at its end" if epochs <= 10
                else "a third of the schedule without validation gain brings the schedule to an early end")
     decide("checkpoint", *_checkpoint_rule(folds, fold_val))
-    steps = epochs * steps_per_epoch(fold_train, int(settings["batch_size"]))
+    steps = epochs * steps_per_epoch(fold_train // world_size, int(settings["batch_size"]))
     use_ema = steps >= 1500
     decay = round(min(0.999, 1 - 20 / steps), 4) if use_ema else 0.0
     decide("ema", decay, f"EMA of the weights over ~{int(1 / (1 - decay)) if use_ema else 0} of {steps} steps: a smoother, "

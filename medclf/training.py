@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import atomic, crossval, models, rundir, runtime, tasks
+from . import atomic, crossval, distributed, models, rundir, runtime, tasks
 from .schedule import epochs_that_fit, make_scheduler, saturated, schedule_of, tail_steps
 from .planning import PLANNED, balance_for, fingerprint, format_plan, make_plan, save_plan, steps_per_epoch
 from .config import TrainConfig, load_yaml, save_yaml
@@ -193,8 +193,15 @@ def train(config: TrainConfig | dict | None = None, *, force: bool = False, resu
           progress: bool = True, **overrides: Any) -> dict:
     """Train a classifier; returns {"out", "metrics", "history"}. Same as `medclf train`."""
     cfg, state, explicit = _resolve_config(config, resume, overrides)
-    with _disk_full_is_one_line(resume or cfg.out or "runs"):
-        return _train(cfg, state, explicit, force, resume, progress)
+    with distributed.joined(runtime.pick_device(cfg.device)) as world, distributed.quiet_unless_main(world), \
+            _disk_full_is_one_line(resume or cfg.out or "runs"):
+        return _train(cfg, state, explicit, force, resume, progress and world.is_main, world)
+
+
+def preflight(config: TrainConfig | dict | str | None = None, *, resume: str | None = None, **overrides: Any) -> None:
+    """The settings and DATA checked once before `--nproc N` starts N processes: a bad one is one line, not N."""
+    cfg, _, _ = _resolve_config(config, resume, overrides)
+    open_data(cfg)
 
 
 @contextlib.contextmanager
@@ -209,21 +216,24 @@ def _disk_full_is_one_line(where: str):
 
 
 def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool, resume: str | None,
-           progress: bool) -> dict:
+           progress: bool, world: distributed.World = distributed.SOLO) -> dict:
     base = models.read_base(cfg.weights) if cfg.weights not in ("none", "imagenet") else None
     source, the_plan = None, None
     if cfg.plan and not resume and not set(PLANNED) <= explicit:
-        source = open_data(cfg)
-        the_plan = apply_plan(cfg, source, base, explicit, progress)
+        if world.is_main:  # one plan (one timing probe) for every rank
+            source = open_data(cfg)
+            the_plan = apply_plan(cfg, source, base, explicit, progress, world.size)
+        the_plan = _share_plan(cfg, the_plan, world)
     facts = the_plan["fingerprint"] if the_plan is not None else None
+    _check_world(cfg, world, resume)
     if cfg.refit and cfg.folds < 2:
         raise MedclfError("--refit retrains on everything after cross-validation: it needs --folds K (K >= 2)")
     runtime.seed_everything(cfg.seed)
-    with _disk_full_is_one_line(cache_root(cfg.cache_dir)):
-        source, stores, spec, skipped = load_data(cfg, base, source, facts)
-    checked = None if resume else brief_doctor(source, str(cfg.data), progress)
+    with _disk_full_is_one_line(cache_root(cfg.cache_dir)):  # rank 0 decodes into the cache, the others read it
+        source, stores, spec, skipped = distributed.main_first(world, lambda: load_data(cfg, base, source, facts))
+    checked = None if resume or not world.is_main else brief_doctor(source, str(cfg.data), progress)
     spec["weights"] = "none" if base is None and cfg.weights != "imagenet" else cfg.weights
-    device = runtime.pick_device(cfg.device)
+    device = distributed.rank_device(runtime.pick_device(cfg.device), world)
     precision = runtime.pick_precision(cfg.precision, device)
     channels_last = runtime.use_channels_last(cfg.channels_last, device, precision)
     balance = resolve_balance(cfg, stores["train"].labels, spec["num_classes"], facts)
@@ -238,30 +248,53 @@ def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool
     if resume:
         out = Path(resume)
         rundir.check_same_splits(out, *split_files)
-        rundir.remove_temporaries(out)
+        if world.is_main:
+            rundir.remove_temporaries(out)
     else:
-        out = rundir.prepare_run_dir(cfg.out, source.name, source.root, force)
+        out = distributed.from_main(world, lambda: rundir.prepare_run_dir(cfg.out, source.name, source.root, force))
     cfg.out = str(out)
+    cfg.world_size, cfg.backend = world.size, world.backend
     resolved = {**cfg.to_dict(), "size": spec["input_size"], "channels": spec["in_chans"], "stem": spec["stem"],
                 "model": spec["arch"], "balance": balance, "device": str(device), "precision": precision,
                 "channels_last": channels_last}
     env = {"device": device, "precision": precision, "channels_last": channels_last, "progress": progress,
-           "balance": balance}
+           "balance": balance, "world": world}
     if cfg.folds >= 2:
         if not resume:
             _write_run_files(out, resolved, the_plan, split_files, skipped, checked)
         return crossval.train_folds(cfg, source, stores, spec, base, env, out, resolved)
-    if not resume:
+    if not resume and world.is_main:
         _write_run_files(out, resolved, the_plan, split_files, skipped, checked)
     print(f"medclf: {len(stores['train'])} train / {len(stores['val'])} val images, {spec['num_classes']} classes, "
           f"{spec['arch']} ({spec['stem']} stem, {spec['input_size']} px, {spec['in_chans']} ch) on "
-          f"{runtime.describe(device, precision, channels_last)} → {out}")
+          f"{runtime.describe(device, precision, channels_last)}{distributed.describe(world)} → {out}")
     fitted = fit(cfg, spec, base, stores["train"], stores["val"], out, env, state, resolved)
-    if not (out / "model.pt").is_file():
+    if world.is_main and not (out / "model.pt").is_file():
         raise MedclfError(f"training produced no usable checkpoint in {out}: the validation loss was not finite in any "
                           f"of {len(fitted['history'])} epoch(s) (the model diverged); try a lower --lr")
-    metrics = finish_run(out, stores, spec, cfg, device, precision, channels_last)
+    # rank 0 evaluates and writes the run's files; the others wait for its metrics
+    metrics = distributed.from_main(world, lambda: finish_run(out, stores, spec, cfg, device, precision, channels_last))
     return {"out": str(out), "metrics": metrics, "history": fitted["history"]}
+
+
+def _check_world(cfg: TrainConfig, world: distributed.World, resume: str | None) -> None:
+    """What many processes cannot do: resume a run made by another number of them (each epoch's steps and
+    shards depend on it), or cross-validate (its K models train one after another in one process)."""
+    if resume and cfg.world_size != world.size:
+        raise MedclfError(f"cannot resume {resume}: it was trained by {cfg.world_size} process(es), this is "
+                          f"{world.size}; resume it with as many (torchrun --nproc_per_node or --nproc "
+                          f"{cfg.world_size})")
+    if world.active and cfg.folds >= 2:
+        raise MedclfError(f"--folds {cfg.folds}: cross-validation trains its models one after another in one "
+                          f"process; with {world.size} processes train one model (--folds 0)")
+
+
+def _share_plan(cfg: TrainConfig, the_plan: dict | None, world: distributed.World) -> dict | None:
+    """Rank 0's plan, and the settings it chose, on every rank."""
+    the_plan, settings = distributed.main_value(world, (the_plan, cfg.to_dict()))
+    for name, value in settings.items():
+        setattr(cfg, name, value)
+    return the_plan
 
 
 def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val_store: Store | None, out: Path,
@@ -276,10 +309,13 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
     device, precision, channels_last = env["device"], env["precision"], env["channels_last"]
     k = spec["num_classes"]
     gen = runtime.seed_everything(cfg.seed)
+    world = env.get("world", distributed.SOLO)
     model = build(cfg, spec, base).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = distributed.wrap(model, world, device)
+    model = getattr(train_model, "module", model)  # SyncBatchNorm layers (CUDA ranks) replace the built ones
+    train_model = torch.compile(train_model) if cfg.compile else train_model
     optimizer = make_optimizer(cfg, model)
-    steps = steps_per_epoch(len(train_store), cfg.batch_size)
+    steps = steps_per_epoch(distributed.shard_length(len(train_store), world), cfg.batch_size)
     scheduler = make_scheduler(cfg, optimizer, steps)
     sched = schedule_of(scheduler)
     finishable = sched is not None and sched.kind == "cosine"  # a constant rate is the user's choice: it just stops
@@ -306,17 +342,25 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
             if (state or {}).get("finished") or sched is not None and sched.done(scheduler.last_epoch):
                 break  # resumed after training had ended: nothing left to train
             t0 = time.perf_counter()
-            order = epoch_order(len(train_store), train_store.labels, env["balance"], k, gen)
+            # every rank draws the same order (one seeded generator) and trains on its shard of it
+            order = distributed.shard(epoch_order(len(train_store), train_store.labels, env["balance"], k, gen), world)
             left = sched.last_step + 1 - scheduler.last_epoch if sched is not None else None
             train_loss = train_one_epoch(train_model, train_store, order, spec, optimizer, scheduler, loss_fn, cfg,
-                                         env, gen, ema, desc=f"{desc}epoch {epoch + 1}", deadline=deadline,
+                                         env, gen, ema, desc=f"{desc}epoch {epoch + 1}",
+                                         deadline=None if world.active else deadline,  # ranks take equal steps
                                          max_steps=left)
+            train_loss = distributed.mean(world, train_loss)
             scored = ema.module if ema is not None else model
             row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
             if val_store is not None:
-                probs = predict_store(scored, val_store, spec, device, precision, channels_last)
+                probs = distributed.predict_all(world, scored, val_store, spec, device, precision, channels_last)
                 row.update(validation_row(probs, val_store.labels.numpy(), spec["classes"]))
-            row["seconds"] = time.perf_counter() - t0
+            now = time.perf_counter()
+            row["seconds"] = now - t0
+            if world.active:  # rank 0's clock decides for every rank when the time budget ends training
+                left = None if deadline is None else deadline - now
+                row["seconds"], left = distributed.main_value(world, (row["seconds"], left))
+                deadline = None if left is None else now + left
             history.append(row)
             score = monitor_score(row, cfg.monitor) if val_store is not None else math.inf
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -324,23 +368,25 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
             extra = {"config": resolved, "epoch": epoch + 1, "val": {k2: v for k2, v in row.items() if k2.startswith("val_")}}
             improved = score > best
             best, bad_epochs = (score, 0) if improved else (best, bad_epochs + 1)
-            if keep_best and improved or not keep_best and math.isfinite(row.get("val_loss", 0.0)):
+            if world.is_main and (keep_best and improved or not keep_best and math.isfinite(row.get("val_loss", 0.0))):
                 atomic.torch_save(models.checkpoint_dict(scored, spec, extra), out / "model.pt")
             done = sched is not None and sched.done(scheduler.last_epoch)
             if not done:
                 taken = scheduler.last_epoch if sched is not None else (epoch + 1) * steps  # optimizer steps so far
-                ending = _early_end(cfg, history, bad_epochs, n_val, deadline, epoch, steps, sched, taken, finishable)
+                ending = _early_end(cfg, history, bad_epochs, n_val, deadline, epoch, steps, sched, taken, finishable,
+                                    now=now if world.active else None)
                 if ending is not None:
                     stop_reason, done = ending
                     if sched is not None:  # the next step's rate follows the new end at once
                         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
                             group["lr"] = base_lr * sched(taken)
-            _save_last(out, model, ema, spec, extra, optimizer, scheduler, env["scaler"],
-                       {"history": history, "best": best, "epoch": epoch + 1, "generator": gen.get_state(),
-                        "elapsed": time.perf_counter() - started, "stop_reason": stop_reason, "finished": done})
-            write_history(out / "history.csv", history)
+            if world.is_main:
+                _save_last(out, model, ema, spec, extra, optimizer, scheduler, env["scaler"],
+                           {"history": history, "best": best, "epoch": epoch + 1, "generator": gen.get_state(),
+                            "elapsed": time.perf_counter() - started, "stop_reason": stop_reason, "finished": done})
+                write_history(out / "history.csv", history)
             epochs.set_postfix(loss=f"{train_loss:.4f}", **{f"val_{cfg.monitor}": f"{row.get(f'val_{cfg.monitor}', 0) or 0:.4f}"})
-            if done or (deadline is not None and time.perf_counter() > deadline):
+            if done or distributed.main_value(world, deadline is not None and time.perf_counter() > deadline):
                 break
     except KeyboardInterrupt:
         epochs.close()
@@ -352,9 +398,11 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
 
 
 def _early_end(cfg: TrainConfig, history: list[dict], bad_epochs: int, n_val: int, deadline: float | None,
-               epoch: int, steps: int, sched, taken: int, finishable: bool) -> tuple[str, bool] | None:
+               epoch: int, steps: int, sched, taken: int, finishable: bool, now: float | None = None
+               ) -> tuple[str, bool] | None:
     """Whether training ends before its planned epochs: (why, stop now). A finishable (cosine) schedule does not
-    stop at once: its end is brought forward to a short annealing tail, and training stops when that has run."""
+    stop at once: its end is brought forward to a short annealing tail, and training stops when that has run.
+    `now`: the moment the time left is counted from (rank 0's reading under torchrun), else the clock's now."""
     reason, last = None, None
     tail = tail_steps(sched.total if sched else cfg.epochs * steps, steps)
     if cfg.patience and bad_epochs >= cfg.patience:
@@ -362,7 +410,8 @@ def _early_end(cfg: TrainConfig, history: list[dict], bad_epochs: int, n_val: in
     elif cfg.stop_saturated and saturated(history, n_val):
         reason, last = f"validation saturated (no errors on {n_val} images)", taken + tail - 1
     if deadline is not None:
-        fit_more = epochs_that_fit(deadline - time.perf_counter(), [r["seconds"] for r in history])
+        fit_more = epochs_that_fit(deadline - (time.perf_counter() if now is None else now),
+                                   [r["seconds"] for r in history])
         planned_last = sched.last_step if sched else (cfg.epochs - epoch - 1) * steps + taken - 1
         budget_last = taken + fit_more * steps - 1
         if budget_last < planned_last and (last is None or budget_last < last):
@@ -493,7 +542,7 @@ def _epochs_since_best(history: list[dict], monitor: str) -> int:
 
 
 def apply_plan(cfg: TrainConfig, source: sources.Source, base: dict | None, explicit: set[str],
-               verbose: bool = True) -> dict:
+               verbose: bool = True, world_size: int = 1) -> dict:
     """Fill every planned setting the user did not set from the data's plan; returns the plan."""
     fp = fingerprint(source)
     fixed = {name: getattr(cfg, name) for name in PLANNED if name in explicit}
@@ -504,7 +553,8 @@ def apply_plan(cfg: TrainConfig, source: sources.Source, base: dict | None, expl
     if cfg.refit:
         fixed["refit"] = True
     # a budget no one gave is the plan's choice (the data's own, such as the demo's short one, or the default)
-    result = make_plan(fp, cfg.time_budget if "time_budget" in explicit else None, base, fixed, cfg.device)
+    result = make_plan(fp, cfg.time_budget if "time_budget" in explicit else None, base, fixed, cfg.device,
+                       world_size=world_size)
     result["fingerprint"] = fp
     for name, value in result["settings"].items():
         if name not in explicit:
