@@ -1,0 +1,181 @@
+"""Training with DistributedDataParallel: 2 gloo processes on the CPU (torchrun, and `medclf train --nproc 2`),
+compared with 1 process at the same global batch and seed; a rank that dies; resuming; the plan per process."""
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import medclf
+from medclf import distributed, models, planning
+from medclf.cli import main
+from medclf.distributed import World
+from medclf.errors import MedclfError
+
+from conftest import write_class_folders
+from ddp_runner import group_norm
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNER = Path(__file__).resolve().parent / "ddp_runner.py"
+# fixed epochs, no augmentation, no class weights (a weighted mean over a rank's part is not the global one)
+FLAGS = ["--no-plan", "--epochs", "2", "--augment", "none", "--intensity", "0", "--balance", "none", "--patience", "0",
+         "--folds", "0", "--seed", "0"]
+TIMEOUT = 300  # seconds: a hang fails the test instead of stalling CI
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """64 training images of 16 px in two classes, 20 validation and 16 test images."""
+    root = tmp_path_factory.mktemp("ddp") / "tiny"
+    write_class_folders(root / "train", {"A": 32, "B": 32}, size=16, seed=1)
+    write_class_folders(root / "val", {"A": 10, "B": 10}, size=16, seed=2)
+    write_class_folders(root / "test", {"A": 8, "B": 8}, size=16, seed=3)
+    return root
+
+
+def medclf_processes(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """`medclf ARGS` as a separate process (ARGS may start it as 2 processes: torchrun or --nproc)."""
+    paths = os.pathsep.join([str(REPO), str(RUNNER.parent), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": paths, "OMP_NUM_THREADS": "1", **env})
+
+
+def torchrun(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    return medclf_processes(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RUNNER), *args],
+                            **env)
+
+
+def history(run: Path) -> list[dict]:
+    with open(run / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def config(run: Path) -> dict:
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(data, tmp_path, monkeypatch):
+    """Two ranks with batch 16 take the steps one process takes with batch 32: the same images per step
+    (each rank half of them), gradients averaged, validation gathered. BatchNorm would normalise over each
+    rank's half only (SyncBatchNorm, which would fix that, runs on GPUs only), so both runs use GroupNorm
+    (statistics per image): the two then differ only in the order floating-point sums are taken (the gradient
+    all-reduce), which Adam carries into the last digits: measured |Δ loss| ≈ 1e-3 after 2 epochs, allowed 0.01,
+    and at most one of the 20 validation images classified differently."""
+    real_build = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: group_norm(real_build(*a, **k)))
+    one = tmp_path / "one"
+    medclf.train(data=str(data), out=str(one), plan=False, epochs=2, augment="none", intensity=0.0, balance="none",
+                 patience=0, folds=0, seed=0, batch_size=32, progress=False)  # FLAGS, as the API takes them
+    two = tmp_path / "two"
+    done = torchrun(["train", str(data), *FLAGS, "--batch-size", "16", "--out", str(two)], MEDCLF_TEST_NORM="group")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    rows_one, rows_two = history(one), history(two)
+    assert len(rows_one) == len(rows_two) == 2
+    for a, b in zip(rows_one, rows_two):
+        for column in ("train_loss", "val_loss"):
+            assert math.isclose(float(a[column]), float(b[column]), abs_tol=0.01), (column, a, b)
+        for column in ("val_accuracy", "val_auc"):
+            assert abs(float(a[column]) - float(b[column])) <= 1 / 20 + 1e-9, (column, a, b)
+        assert a["lr"] == b["lr"]
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    recorded_one, recorded_two = config(one), config(two)
+    assert (recorded_one["world_size"], recorded_one["backend"]) == (1, None)
+    assert (recorded_two["world_size"], recorded_two["backend"]) == (2, "gloo")
+    assert recorded_two["batch_size"] == 16 and "× 2 processes (gloo)" in done.stdout
+    assert done.stdout.count("completed:") == 1  # rank 0 speaks for the run
+
+
+def test_a_rank_that_dies_stops_the_run_and_nproc_resumes_it(data, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", str(data), *FLAGS, "--batch-size", "16", "--out", str(run)]
+    died = torchrun(args, MEDCLF_TEST_DIE="1:2")  # rank 1 exits when epoch 2 starts
+    assert died.returncode != 0
+    assert len(history(run)) == 1 and not (run / "metrics.json").exists()
+    assert models.read_resume_state(run / "last.pt")["epoch"] == 1  # rank 0's last complete write
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+
+    resumed = medclf_processes(["-m", "medclf", "train", "--resume", str(run), "--nproc", "2"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [row["epoch"] for row in history(run)] == ["1", "2"]
+    assert (run / "metrics.json").is_file() and config(run)["world_size"] == 2
+
+    assert main(["train", "--resume", str(run)]) == 2  # one process cannot continue a 2-process schedule
+
+
+def test_nproc_errors_are_one_line(data, tmp_path, monkeypatch, capsys):
+    assert main(["train", str(data), "--nproc", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "medclf: error: --nproc must be at least 1 (got 0)"
+    assert main(["train", str(tmp_path / "missing"), "--nproc", "2"]) == 2  # checked before any process starts
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medclf: error: data not found") and "\n" not in err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert main(["train", str(data), "--nproc", "3"]) == 2
+    assert "--nproc 3 inside torchrun, which started 2 process(es)" in capsys.readouterr().err
+
+
+def test_the_torchrun_environment_is_read_and_checked(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert World.from_environment() == World() and not World().active
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert World.from_environment() == World(rank=3, size=4, local_rank=1, local_size=2)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(MedclfError, match="RANK 4 / LOCAL_RANK 1 out of range for WORLD_SIZE 4"):
+        World.from_environment()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(MedclfError, match="must be integers"):
+        World.from_environment()
+
+
+@pytest.mark.parametrize("n", [12, 13, 15])
+def test_each_rank_takes_an_equal_interleaved_shard_of_the_order(n):
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    ranks = [World(rank=r, size=3, local_rank=r, local_size=3) for r in range(3)]
+    shards = [distributed.shard(order, w) for w in ranks]
+    assert {len(s) for s in shards} == {n // 3}
+    together = torch.stack(shards, 1).flatten()  # step by step: rank 0's image, rank 1's, rank 2's
+    assert torch.equal(together, order[:n // 3 * 3])  # batch j of the ranks = batch j of one process, 3x larger
+    assert distributed.shard(order, World()) is order
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 20])
+def test_prediction_blocks_cover_every_image_once_in_order(n):
+    blocks = [distributed.block(n, World(rank=r, size=3, local_rank=r, local_size=3)) for r in range(3)]
+    assert [i for b in blocks for i in range(n)[b]] == list(range(n))
+
+
+def _fingerprint(n_train: int) -> dict:
+    return {"data": "x", "name": "x", "kind": "npz", "classes": ["a", "b"], "num_classes": 2,
+            "images": {"train": n_train, "val": n_train // 10}, "imbalance_ratio": 1.0, "short_side": {"median": 28},
+            "channels": 1, "bit_depth": 8, "counts": {"train": {"a": n_train // 2, "b": n_train // 2}}}
+
+
+def test_the_plan_scales_the_rate_with_the_global_batch_and_fits_each_process_share(monkeypatch):
+    def probe(arch, k, channels, stem, size, store_size, batch_size, *args, **kwargs):
+        return {"train_img_per_s": 100.0, "infer_img_per_s": 500.0, "steps": 1, "batch_size": batch_size,
+                "warmup_s": 0.0, "device": "fake"}
+
+    monkeypatch.setattr(planning, "probe", probe)
+    one = planning.make_plan(_fingerprint(2000), time_budget=10)
+    two = planning.make_plan(_fingerprint(2000), time_budget=10, world_size=2)
+    batch = two["settings"]["batch_size"]
+    assert batch == one["settings"]["batch_size"]  # per process
+    assert math.isclose(two["settings"]["lr"], 1e-3 * math.sqrt(2 * batch / 64))
+    assert f"{batch} × 2 processes = {2 * batch}" in two["reasons"]["lr"]
+    assert two["settings"]["epochs"] >= 2 * one["settings"]["epochs"] - 1  # each process trains half of every epoch
+    small_one = planning.make_plan(_fingerprint(400), time_budget=60)
+    small_two = planning.make_plan(_fingerprint(400), time_budget=60, world_size=2)
+    assert small_one["settings"]["folds"] >= 2 and small_two["settings"]["folds"] == 0
+    assert "2 processes train one model" in small_two["reasons"]["folds"]
