@@ -18,10 +18,10 @@ from medclf.distributed import World
 from medclf.errors import MedclfError
 
 from conftest import write_class_folders
-from ddp_runner import group_norm
+from ddp_hooks import group_norm
 
 REPO = Path(__file__).resolve().parents[1]
-RUNNER = Path(__file__).resolve().parent / "ddp_runner.py"
+HOOKS = Path(__file__).resolve().parent  # ddp_hooks.py, and ddp_site/sitecustomize.py that installs it in workers
 # fixed epochs, no augmentation, no class weights (a weighted mean over a rank's part is not the global one)
 FLAGS = ["--no-plan", "--epochs", "2", "--augment", "none", "--intensity", "0", "--balance", "none", "--patience", "0",
          "--folds", "0", "--seed", "0"]
@@ -38,16 +38,11 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def medclf_processes(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    """`medclf ARGS` as a separate process (ARGS may start it as 2 processes: torchrun or --nproc)."""
-    paths = os.pathsep.join([str(REPO), str(RUNNER.parent), os.environ.get("PYTHONPATH", "")])
+def python(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """`python ARGS` as a separate process, with the test hooks (ddp_hooks.py) in its torchrun workers."""
+    paths = os.pathsep.join([str(REPO), str(HOOKS), str(HOOKS / "ddp_site"), os.environ.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": paths, "OMP_NUM_THREADS": "1", **env})
-
-
-def torchrun(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    return medclf_processes(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RUNNER), *args],
-                            **env)
+                          env={**os.environ, "PYTHONPATH": paths, **env})
 
 
 def history(run: Path) -> list[dict]:
@@ -59,22 +54,46 @@ def config(run: Path) -> dict:
     return yaml.safe_load((run / "config.yaml").read_text())
 
 
-def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(data, tmp_path, monkeypatch):
-    """Two ranks with batch 16 take the steps one process takes with batch 32: the same images per step
-    (each rank half of them), gradients averaged, validation gathered. BatchNorm would normalise over each
-    rank's half only (SyncBatchNorm, which would fix that, runs on GPUs only), so both runs use GroupNorm
-    (statistics per image): the two then differ only in the order floating-point sums are taken (the gradient
-    all-reduce), which Adam carries into the last digits: measured |Δ loss| ≈ 1e-3 after 2 epochs, allowed 0.01,
-    and at most one of the 20 validation images classified differently."""
-    real_build = models.build_model
-    monkeypatch.setattr(models, "build_model", lambda *a, **k: group_norm(real_build(*a, **k)))
-    one = tmp_path / "one"
-    medclf.train(data=str(data), out=str(one), plan=False, epochs=2, augment="none", intensity=0.0, balance="none",
-                 patience=0, folds=0, seed=0, batch_size=32, progress=False)  # FLAGS, as the API takes them
-    two = tmp_path / "two"
-    done = torchrun(["train", str(data), *FLAGS, "--batch-size", "16", "--out", str(two)], MEDCLF_TEST_NORM="group")
-    assert done.returncode == 0, done.stderr[-3000:]
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory) -> dict:
+    """One process with batch 32; then 2 processes with batch 16 each (`medclf train --nproc 2`) whose rank 1
+    dies when epoch 2 starts; then `torchrun -m medclf train --resume` finishing that run on 2 processes.
 
+    BatchNorm would normalise over each rank's half batch only (SyncBatchNorm, which would fix that, runs on
+    GPUs only), so every run here uses GroupNorm (statistics per image) and the 2-process runs can be held to
+    the 1-process one; README states what BatchNorm changes on the CPU."""
+    root = tmp_path_factory.mktemp("runs")
+    one, two = root / "one", root / "two"
+    with pytest.MonkeyPatch.context() as patch:
+        real_build = models.build_model
+        patch.setattr(models, "build_model", lambda *a, **k: group_norm(real_build(*a, **k)))
+        medclf.train(data=str(data), out=str(one), plan=False, epochs=2, augment="none", intensity=0.0, balance="none",
+                     patience=0, folds=0, seed=0, batch_size=32, progress=False)  # FLAGS, as the API takes them
+        died = python(["-m", "medclf", "train", str(data), *FLAGS, "--batch-size", "16", "--out", str(two),
+                       "--nproc", "2"], MEDCLF_TEST_NORM="group", MEDCLF_TEST_DIE="1:2")
+        after_death = {"history": history(two), "last": models.read_resume_state(two / "last.pt")["epoch"],
+                       "files": sorted(p.name for p in two.iterdir())}
+    resumed = python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medclf", "train",
+                      "--resume", str(two)], MEDCLF_TEST_NORM="group", OMP_NUM_THREADS="1")
+    return {"one": one, "two": two, "died": died, "after_death": after_death, "resumed": resumed}
+
+
+def test_a_rank_that_dies_stops_every_rank_and_leaves_the_last_finished_epoch(runs):
+    died, state = runs["died"], runs["after_death"]
+    assert died.returncode == 3, died.stderr[-3000:]  # rank 1's exit code, reported by `--nproc`'s launcher
+    assert "medclf: training process 1 of 2 failed (exit code 3); the others were stopped" in died.stderr
+    assert len(state["history"]) == 1 and state["last"] == 1  # rank 0's last complete writes: epoch 1
+    assert "metrics.json" not in state["files"] and not [name for name in state["files"] if name.endswith(".tmp")]
+
+
+def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(runs):
+    """Two ranks with batch 16 take the steps one process takes with batch 32: the same images per step (each
+    rank half of them), gradients averaged, validation gathered; this through a rank's death and --resume.
+    The two differ only in the order floating-point sums are taken (the gradient all-reduce), which Adam carries
+    into the last digits: measured |Δ loss| ≈ 1e-3 after 2 epochs, allowed 0.01, and at most one of the 20
+    validation images classified differently."""
+    resumed, one, two = runs["resumed"], runs["one"], runs["two"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows_one, rows_two = history(one), history(two)
     assert len(rows_one) == len(rows_two) == 2
     for a, b in zip(rows_one, rows_two):
@@ -87,25 +106,15 @@ def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(data
     recorded_one, recorded_two = config(one), config(two)
     assert (recorded_one["world_size"], recorded_one["backend"]) == (1, None)
     assert (recorded_two["world_size"], recorded_two["backend"]) == (2, "gloo")
-    assert recorded_two["batch_size"] == 16 and "× 2 processes (gloo)" in done.stdout
-    assert done.stdout.count("completed:") == 1  # rank 0 speaks for the run
+    assert recorded_two["batch_size"] == 16 and "× 2 processes (gloo)" in resumed.stdout
+    assert resumed.stdout.count("completed:") == 1  # rank 0 speaks for the run
 
 
-def test_a_rank_that_dies_stops_the_run_and_nproc_resumes_it(data, tmp_path):
-    run = tmp_path / "run"
-    args = ["train", str(data), *FLAGS, "--batch-size", "16", "--out", str(run)]
-    died = torchrun(args, MEDCLF_TEST_DIE="1:2")  # rank 1 exits when epoch 2 starts
-    assert died.returncode != 0
-    assert len(history(run)) == 1 and not (run / "metrics.json").exists()
-    assert models.read_resume_state(run / "last.pt")["epoch"] == 1  # rank 0's last complete write
-    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
-
-    resumed = medclf_processes(["-m", "medclf", "train", "--resume", str(run), "--nproc", "2"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [row["epoch"] for row in history(run)] == ["1", "2"]
-    assert (run / "metrics.json").is_file() and config(run)["world_size"] == 2
-
-    assert main(["train", "--resume", str(run)]) == 2  # one process cannot continue a 2-process schedule
+def test_a_run_of_two_processes_resumes_only_with_two(runs, capsys, monkeypatch):
+    real_build = models.build_model  # its last.pt holds a GroupNorm model, checked before the process count
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: group_norm(real_build(*a, **k)))
+    assert main(["train", "--resume", str(runs["two"])]) == 2
+    assert "it was trained by 2 process(es), this is 1" in capsys.readouterr().err
 
 
 def test_nproc_errors_are_one_line(data, tmp_path, monkeypatch, capsys):

@@ -1,6 +1,8 @@
-"""Test-only: `medclf ARGS...` as one torchrun process, with what a DDP test arranges by environment variable.
+"""Test-only: what a DDP test arranges in every training process it starts, by environment variable.
 
-`torchrun --nproc_per_node 2 tests/ddp_runner.py train DATA ...` runs `medclf train DATA ...` in each process.
+Python imports tests/ddp_site/sitecustomize.py at start-up when that folder is on PYTHONPATH (as coverage.py
+reaches subprocesses), and it calls `install()` in each torchrun worker (RANK is set), however the worker was
+started: `torchrun ... -m medclf` or `medclf train --nproc N`.
   MEDCLF_TEST_NORM=group  every model's BatchNorm layers become GroupNorm: statistics per image, not per batch,
                           so one process and several compute the same (SyncBatchNorm, which would make BatchNorm
                           agree, runs on GPUs only)
@@ -9,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 from torch import nn
 
@@ -24,9 +25,11 @@ def group_norm(model: nn.Module) -> nn.Module:
     return model
 
 
-def use_group_norm(models_module) -> None:
-    real = models_module.build_model
-    models_module.build_model = lambda *args, **kwargs: group_norm(real(*args, **kwargs))
+def use_group_norm() -> None:
+    from medclf import models
+
+    real = models.build_model
+    models.build_model = lambda *args, **kwargs: group_norm(real(*args, **kwargs))
 
 
 def die_at(rank: int, epoch: int) -> None:
@@ -44,13 +47,9 @@ def die_at(rank: int, epoch: int) -> None:
     training.train_one_epoch = train_one_epoch
 
 
-if __name__ == "__main__":
-    from medclf import models
-    from medclf.cli import main
-
+def install() -> None:
     if os.environ.get("MEDCLF_TEST_NORM") == "group":
-        use_group_norm(models)
+        use_group_norm()
     if os.environ.get("MEDCLF_TEST_DIE"):
-        die_rank, die_epoch = map(int, os.environ["MEDCLF_TEST_DIE"].split(":"))
-        die_at(die_rank, die_epoch)
-    sys.exit(main(sys.argv[1:]))
+        rank, epoch = map(int, os.environ["MEDCLF_TEST_DIE"].split(":"))
+        die_at(rank, epoch)
