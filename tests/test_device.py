@@ -275,3 +275,57 @@ def test_compile_trains_the_compiled_model_and_saves_the_plain_one(tmp_path, mon
     assert compiled == ["ResNet"]
     state = torch.load(run / "model.pt", weights_only=False)["state_dict"]
     assert not any(key.startswith("_orig_mod") for key in state)
+
+
+# ---------------------------------------------------------------- the plan on a faster device
+
+COST = {"resnet18": 1.0, "resnet34": 2.0, "resnet50": 2.3}  # relative training compute per image
+
+
+def _device_probe(small28_img_per_s: float, out_of_memory: tuple[str, ...] = ()):
+    """A timing probe of a device `small28_img_per_s` fast (the small stem at 28 px): cost ∝ pixels reaching layer1
+    × model depth, as measured on real devices within a factor of ~2."""
+    def probe(arch, k, channels, stem, size, store_size, batch_size, augment, device, max_seconds, max_steps,
+              intensity=0.0):
+        if arch in out_of_memory:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        side = size if stem == "small" else size / 4
+        rate = small28_img_per_s * (28 / side) ** 2 / COST[arch]
+        return {"train_img_per_s": rate, "infer_img_per_s": 5 * rate, "steps": 1, "batch_size": batch_size,
+                "warmup_s": 0.0, "device": "fake"}
+    return probe
+
+
+def _large_xray_set(n_train: int = 30_000) -> dict:
+    return {"data": "x", "name": "x", "kind": "folder", "classes": ["a", "b"], "num_classes": 2,
+            "images": {"train": n_train, "val": n_train // 10}, "imbalance_ratio": 1.0,
+            "short_side": {"median": 1024}, "channels": 1, "bit_depth": 8}
+
+
+def test_a_faster_device_gets_a_larger_size_and_a_deeper_model_by_the_same_rule(monkeypatch):
+    from medclf import planning
+
+    monkeypatch.setattr(planning, "probe", _device_probe(20))  # a CPU
+    slow = planning.make_plan(_large_xray_set(), time_budget=60)
+    monkeypatch.setattr(planning, "probe", _device_probe(2000))  # a GPU, 100x faster
+    fast = planning.make_plan(_large_xray_set(), time_budget=60)
+    assert slow["settings"]["model"] == "resnet18" and slow["settings"]["size"] < 224
+    assert fast["settings"]["size"] == 224 and fast["settings"]["model"] == "resnet50"
+    deeper = fast["probe"][-1]
+    assert deeper["model"] == "resnet50" and deeper["epochs_in_budget"] >= 2 * planning._min_epochs(30_000)
+    assert str(deeper["epochs_in_budget"]) in fast["reasons"]["model"]
+    assert fast["settings"]["epochs"] == deeper["epochs_in_budget"]  # the schedule is the deeper model's
+    assert "resnet50, imagenet stem 224 px" in planning.format_plan(fast, _large_xray_set())
+
+
+def test_depth_needs_a_large_set_room_in_the_budget_and_gpu_memory(monkeypatch):
+    from medclf import planning
+
+    monkeypatch.setattr(planning, "probe", _device_probe(2000))
+    assert planning.make_plan(_large_xray_set(5000), time_budget=60)["settings"]["model"] == "resnet18"
+    tight = planning.make_plan(_large_xray_set(), time_budget=10)  # 224 px fits, a deeper model's 6 epochs do not
+    assert tight["settings"]["size"] == 224 and tight["settings"]["model"] == "resnet18"
+    monkeypatch.setattr(planning, "probe", _device_probe(2000, out_of_memory=("resnet50",)))
+    assert planning.make_plan(_large_xray_set(), time_budget=60)["settings"]["model"] == "resnet34"
+    fixed = planning.make_plan(_large_xray_set(), time_budget=60, fixed={"model": "resnet18"})
+    assert fixed["settings"]["model"] == "resnet18" and fixed["reasons"]["model"] == "set by you"
