@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import math
 import time
@@ -124,6 +125,24 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
+@torch.no_grad()
+def update_ema(ema: torch.optim.swa_utils.AveragedModel, model: nn.Module) -> None:
+    """`ema.update_parameters(model)` with its step counter left on the host: torch's own copies the counter to
+    the model's device on every step, and a blocking copy to a GPU waits for all the work queued there."""
+    groups: dict[torch.dtype, tuple[list, list]] = {}  # the average runs per dtype, as AveragedModel groups it
+    for averaged, current in zip(itertools.chain(ema.module.parameters(), ema.module.buffers()),
+                                 itertools.chain(model.parameters(), model.buffers())):
+        pair = groups.setdefault(averaged.dtype, ([], []))
+        pair[0].append(averaged.detach())
+        pair[1].append(current.detach())
+    for averaged, current in groups.values():
+        if int(ema.n_averaged) == 0:  # a host tensor (never moved with the model): reading it waits for nothing
+            torch._foreach_copy_(averaged, current)
+        else:
+            ema.multi_avg_fn(averaged, current, ema.n_averaged)
+    ema.n_averaged += 1
+
+
 def train_one_epoch(model, store: Store, order: torch.Tensor, spec: dict, optimizer, scheduler, loss_fn,
                     cfg: TrainConfig, env: dict, generator: torch.Generator, ema=None, desc: str = "",
                     deadline: float | None = None, max_steps: int | None = None) -> float:
@@ -157,7 +176,7 @@ def train_one_epoch(model, store: Store, order: torch.Tensor, spec: dict, optimi
         if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step()
         if ema is not None:
-            ema.update_parameters(model)
+            update_ema(ema, model)
         total += loss.detach().to(total.dtype) * len(idx)
         seen += len(idx)
         if env["progress"] and step % PROGRESS_EVERY == 0:

@@ -329,3 +329,39 @@ def test_depth_needs_a_large_set_room_in_the_budget_and_gpu_memory(monkeypatch):
     assert planning.make_plan(_large_xray_set(), time_budget=60)["settings"]["model"] == "resnet34"
     fixed = planning.make_plan(_large_xray_set(), time_budget=60, fixed={"model": "resnet18"})
     assert fixed["settings"]["model"] == "resnet18" and fixed["reasons"]["model"] == "set by you"
+
+
+# ---------------------------------------------------------------- the EMA of the weights
+
+def _ema(model: nn.Module) -> torch.optim.swa_utils.AveragedModel:
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9),
+                                               use_buffers=True)
+
+
+def _nudge(model: nn.Module, step: int) -> None:
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.add_(0.01 * (step + 1) * (i + 1))
+        model[1].num_batches_tracked += 1  # an integer buffer: averaged in its own group
+
+
+def test_the_ema_update_averages_as_torch_does():
+    model = _tiny_model()
+    ours, torchs = _ema(model), _ema(model)
+    for step in range(3):
+        _nudge(model, step)
+        training.update_ema(ours, model)
+        torchs.update_parameters(model)
+    for (name, a), b in zip(ours.state_dict().items(), torchs.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_the_ema_update_makes_no_blocking_copy_to_the_models_device():
+    """torch's own update copies its step counter to the model's device every step (a blocking copy)."""
+    model = _tiny_model().to("meta")
+    ema = _ema(model)
+    for step in range(2):
+        with _HostWork(limit=1) as seen:
+            training.update_ema(ema, model)
+        assert seen.blocking_copies == [] and seen.large_on_host == []
+    assert int(ema.n_averaged) == 2
