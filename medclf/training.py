@@ -135,8 +135,9 @@ def update_ema(ema: torch.optim.swa_utils.AveragedModel, model: nn.Module) -> No
         pair = groups.setdefault(averaged.dtype, ([], []))
         pair[0].append(averaged.detach())
         pair[1].append(current.detach())
+    first = int(ema.n_averaged) == 0  # a host tensor (never moved with the model): reading it waits for nothing
     for averaged, current in groups.values():
-        if int(ema.n_averaged) == 0:  # a host tensor (never moved with the model): reading it waits for nothing
+        if first:
             torch._foreach_copy_(averaged, current)
         else:
             ema.multi_avg_fn(averaged, current, ema.n_averaged)
