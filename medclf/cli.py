@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 from .config import CHOICES, TrainConfig
@@ -333,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medclf: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C: exit 130 as shells expect; training says what it saved
-        print(f"medclf: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for every process
+            print(f"medclf: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
 
 

@@ -419,7 +419,7 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
                 break
     except KeyboardInterrupt:
         epochs.close()
-        raise KeyboardInterrupt(_interrupted_message(resume_dir or out, out)) from None
+        raise KeyboardInterrupt(_interrupted_message(resume_dir or out, out, world.size)) from None
     epochs.close()
     print(f"{desc}{stop_reason}: {len(history)} epoch(s), {scheduler.last_epoch if sched else '?'} steps, "
           f"{time.perf_counter() - started:.0f} s")
@@ -483,9 +483,10 @@ def read_fold_state(folder: Path) -> dict | None:
     return models.read_resume_state(folder / "last.pt") if (folder / "last.pt").is_file() else None
 
 
-def _interrupted_message(out: Path, saved_in: Path | None = None) -> str:
+def _interrupted_message(out: Path, saved_in: Path | None = None, nproc: int = 1) -> str:
     if ((saved_in or out) / "last.pt").is_file() or rundir.resumable(out):
-        return f"the last finished epoch is saved: resume with `medclf train --resume {out}`"
+        return (f"the last finished epoch is saved: resume with `medclf train --resume {out}"
+                f"{f' --nproc {nproc}' if nproc > 1 else ''}`")
     return f"no epoch finished, so there is nothing to resume; the same command starts over (it replaces {out})"
 
 
