@@ -33,7 +33,7 @@ SMALL_SPLIT = 200  # images: below this a split's 95% intervals are wide (metric
 SETTINGS = ("model", "weights", "finetune", "size", "channels", "stem", "epochs", "batch_size", "lr", "weight_decay",
             "optimizer", "schedule", "warmup_epochs", "label_smoothing", "grad_clip", "patience", "monitor",
             "checkpoint", "augment", "intensity", "balance", "ema", "tta", "folds", "refit", "seed", "time_budget",
-            "device", "precision")
+            "device", "precision", "world_size")  # world_size: processes that trained it together (torchrun)
 
 
 def headline_intervals(labels: np.ndarray, probs: np.ndarray, classes: list[str], thresholds=None,

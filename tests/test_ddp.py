@@ -107,6 +107,8 @@ def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(runs
     assert (recorded_one["world_size"], recorded_one["backend"]) == (1, None)
     assert (recorded_two["world_size"], recorded_two["backend"]) == (2, "gloo")
     assert recorded_two["batch_size"] == 16 and "× 2 processes (gloo)" in resumed.stdout
+    card_row = next(line for line in (two / "model_card.md").read_text().splitlines() if "world_size" in line)
+    assert "`2`" in card_row
     assert resumed.stdout.count("completed:") == 1  # rank 0 speaks for the run
 
 
@@ -188,3 +190,14 @@ def test_the_plan_scales_the_rate_with_the_global_batch_and_fits_each_process_sh
     small_two = planning.make_plan(_fingerprint(400), time_budget=60, world_size=2)
     assert small_one["settings"]["folds"] >= 2 and small_two["settings"]["folds"] == 0
     assert "2 processes train one model" in small_two["reasons"]["folds"]
+
+
+def test_cross_validation_is_refused_with_many_processes():
+    from medclf.config import TrainConfig
+    from medclf.training import _check_world
+
+    two = World(rank=0, size=2, local_rank=0, local_size=2)
+    with pytest.raises(MedclfError, match="--folds 5: cross-validation .* with 2 processes train one model"):
+        _check_world(TrainConfig(data="x", folds=5), two, None)
+    _check_world(TrainConfig(data="x", folds=0), two, None)
+    _check_world(TrainConfig(data="x", folds=5), World(), None)
