@@ -136,19 +136,16 @@ def block(n: int, world: World) -> slice:
     return slice(world.rank * n // world.size, (world.rank + 1) * n // world.size)
 
 
-def predict_all(world: World, model: nn.Module, store, ckpt: dict, device: torch.device, precision: str,
-                channels_last: bool, **options: Any) -> np.ndarray:
-    """`inference.predict_store` on all of `store`, each rank predicting one block: every image once, in order,
-    on every rank (rank 0's model: the ranks' BatchNorm statistics are made rank 0's first)."""
-    from .data.store import Store
-    from .inference import predict_store
-
+def predict_all(world: World, model: nn.Module, store, predict: Callable[[nn.Module, Any], np.ndarray]) -> np.ndarray:
+    """`predict(model, store)` on all of `store`, each rank predicting one block: every image once, in order, on
+    every rank (rank 0's model: the ranks' BatchNorm statistics are made rank 0's first)."""
     if not world.active:
-        return predict_store(model, store, ckpt, device, precision, channels_last, **options)
+        return predict(model, store)
+    from .data.store import Store
+
     sync_buffers(world, model)
     part = block(len(store), world)
-    mine = Store(store.images[part], store.labels[part], store.ids[part])
-    probs = predict_store(model, mine, ckpt, device, precision, channels_last, **options)
+    probs = predict(model, Store(store.images[part], store.labels[part], store.ids[part]))
     parts: list[Any] = [None] * world.size
     dist.all_gather_object(parts, probs)
     return np.concatenate(parts)

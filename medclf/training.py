@@ -382,7 +382,8 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
             scored = ema.module if ema is not None else model
             row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
             if val_store is not None:
-                probs = distributed.predict_all(world, scored, val_store, spec, device, precision, channels_last)
+                probs = distributed.predict_all(world, scored, val_store, lambda net, part: predict_store(
+                    net, part, spec, device, precision, channels_last))
                 row.update(validation_row(probs, val_store.labels.numpy(), spec["classes"]))
             now = time.perf_counter()
             row["seconds"] = now - t0
