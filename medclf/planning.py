@@ -497,9 +497,10 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
     else:
         fold_train, fold_val = n_train, n_val
     # each of world_size processes trains and validates 1/world_size of every epoch: as if the budget were that larger
-    search = _choose_size(cands, measure, fold_train, fold_val, budget / models_trained * world_size)
+    model_budget = budget / models_trained * world_size
+    search = _choose_size(cands, measure, fold_train, fold_val, model_budget)
     stem, size, why, measured = search["chosen"]
-    deeper = (_deeper_model(measure, cands, search, fold_train, fold_val, budget / models_trained)
+    deeper = (_deeper_model(measure, cands, search, fold_train, fold_val, model_budget)
               if not finetune and "model" not in fixed else None)
     if deeper is not None:  # a fast device with budget to spare: the same fit, one rung up in depth
         measured = deeper[2]

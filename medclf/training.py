@@ -388,9 +388,9 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
             now = time.perf_counter()
             row["seconds"] = now - t0
             if world.active:  # rank 0's clock decides for every rank when the time budget ends training
-                left = None if deadline is None else deadline - now
-                row["seconds"], left = distributed.main_value(world, (row["seconds"], left))
-                deadline = None if left is None else now + left
+                time_left = None if deadline is None else deadline - now
+                row["seconds"], time_left = distributed.main_value(world, (row["seconds"], time_left))
+                deadline = None if time_left is None else now + time_left
             history.append(row)
             score = monitor_score(row, cfg.monitor) if val_store is not None else math.inf
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
