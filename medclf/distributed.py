@@ -192,7 +192,8 @@ def mean(world: World, value: float) -> float:
     """The mean of `value` over the ranks (each rank's training loss on its shard: the loss over all of them)."""
     if not world.active:
         return value
-    total = torch.tensor([value], dtype=torch.float64)
+    on = torch.device("cuda", torch.cuda.current_device()) if world.backend == "nccl" else "cpu"  # NCCL: GPU only
+    total = torch.tensor([value], dtype=torch.float64, device=on)
     dist.all_reduce(total)
     return float(total.item()) / world.size
 
