@@ -360,7 +360,8 @@ def _early_end(cfg: TrainConfig, history: list[dict], bad_epochs: int, n_val: in
     if cfg.patience and bad_epochs >= cfg.patience:
         reason, last = f"early stop: no {cfg.monitor} gain in {cfg.patience} epochs", taken + tail - 1
     elif cfg.stop_saturated and saturated(history, n_val):
-        reason, last = f"validation saturated (no errors on {n_val} images)", taken + tail - 1
+        wrong = round((1 - history[-1]["val_accuracy"]) * n_val)
+        reason, last = f"validation saturated ({wrong} error(s) on {n_val} images)", taken + tail - 1
     if deadline is not None:
         fit_more = epochs_that_fit(deadline - time.perf_counter(), [r["seconds"] for r in history])
         planned_last = sched.last_step if sched else (cfg.epochs - epoch - 1) * steps + taken - 1
