@@ -6,6 +6,11 @@ per case and mode, then a summary line with median ratios over the repeats.
     python benchmarks/speed.py                       # all cases, 3 repeats
     python benchmarks/speed.py --cases 224 --repeats 1
     python benchmarks/speed.py --modes engines       # inference engines at 224 px vs the plain loop (engines.py)
+    python benchmarks/speed.py --device cuda         # both on the GPU, GPU-sized cases (GPU_CASES)
+
+On a GPU, whole-process wall time is mostly start-up, so each row also has the loops' own throughput:
+the reference's training loop (its JSON `images_per_s`) against medclf's epochs (history.csv seconds,
+validation pass included), and each inference loop without the one-time model load and decode.
 
 Training is timed as whole-process wall time (imports, data loading, every epoch with its
 validation pass, final evaluation and output files). Inference is the loop over the validation
@@ -17,6 +22,7 @@ Peak RSS is the child process tree's maximum (resource.getrusage of a fresh inte
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -38,20 +44,29 @@ CASES = {
     "224": dict(data="chest_xray_400", size=224, stem="imagenet", batch=32, epochs=2),
 }
 
+# on a GPU the CPU cases finish in about a second: larger sets and more epochs, MedNIST upsampled for 224 px
+GPU_CASES = {
+    "28": dict(data="pneumoniamnist", size=28, stem="small", batch=128, epochs=10),
+    "64": dict(data="mednist", size=64, stem="imagenet", batch=128, epochs=5),
+    "224": dict(data="mednist", size=224, stem="imagenet", batch=128, epochs=3),
+}
+
 INFER_SNIPPET = """
 import sys, time, json
 t0 = time.perf_counter()
 import torch
 from medclf.inference import load_for_inference, split_store
-run, data, passes = sys.argv[1], sys.argv[2], int(sys.argv[3])
-loaded = load_for_inference(run, "auto", "auto")
+run, data, passes, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+loaded = load_for_inference(run, device, "auto")
 t1 = time.perf_counter()
 store, _ = split_store(loaded.ckpt, data, "val", False, False)   # decode once, no cache: counted here
+t_decoded = time.perf_counter()
 for _ in range(passes):
-    loaded.predict(store)
+    loaded.predict(store)  # returns numpy: the GPU has finished when it returns
 t2 = time.perf_counter()
 print(json.dumps({"images": passes * len(store), "infer_seconds": t2 - t1,
-                  "images_per_s": passes * len(store) / (t2 - t1)}))
+                  "images_per_s": passes * len(store) / (t2 - t1),
+                  "loop_images_per_s": passes * len(store) / (t2 - t_decoded)}))
 """
 
 
@@ -90,6 +105,12 @@ def last_json(stdout: str) -> dict:
     return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
 
+def epoch_seconds(run_dir: Path) -> float:
+    """medclf's training time: its epochs' seconds (each with its validation pass) from history.csv."""
+    with open(run_dir / "history.csv", newline="") as f:
+        return sum(float(row["seconds"]) for row in csv.DictReader(f))
+
+
 def time_to_training(cmd: list[str]) -> float:
     """Seconds from process start until medclf announces the first epoch (cache warm)."""
     start = time.perf_counter()
@@ -105,18 +126,23 @@ def time_to_training(cmd: list[str]) -> float:
 
 
 def run_case(name: str, args, workdir: Path) -> list[dict]:
-    case = CASES[name]
+    case = (GPU_CASES if args.device == "cuda" else CASES)[name]
     data = data_path(case["data"], workdir, args.mednist_per_class)
     env = {**os.environ, "MEDCLF_DATA": str(workdir / "medclf_data")}
-    common = ["--size", str(case["size"]), "--stem", case["stem"], "--epochs", str(case["epochs"]),
+    # the reference takes the GPU whenever one is visible: hide it for a CPU comparison
+    ref_env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else None
+    common = ["--size", str(case["size"]), "--stem", case["stem"], "--epochs", str(args.epochs or case["epochs"]),
               "--batch-size", str(case["batch"])]
+    ref_flags = ["--num-workers", str(args.reference_workers)]
+    # one model against the reference's one: the plan would cross-validate sets under 2,000 images (K models)
+    med_flags = ["--device", args.device, "--folds", "0"]
     rows = []
     for r in range(args.repeats):
         run_dir = workdir / f"run-{name}-{r}"
         if "train" in args.modes:
-            ref = measured([sys.executable, str(REFERENCE), str(data), *common, "--mode", "train"])
+            ref = measured([sys.executable, str(REFERENCE), str(data), *common, *ref_flags, "--mode", "train"], ref_env)
             med = measured([sys.executable, "-m", "medclf", "train", str(data), *common, "--model", "resnet18", "--augment", "light",
-                            "--patience", "0", "--out", str(run_dir), "--force"], env)
+                            "--patience", "0", *med_flags, "--out", str(run_dir), "--force"], env)
             ref_json = last_json(ref["stdout"])
             val_auc = json.loads((run_dir / "metrics.json").read_text())["val"]["auc"]
             rows.append({"case": name, "mode": "train", "repeat": r, "reference_wall_s": ref["wall_s"],
@@ -124,21 +150,32 @@ def run_case(name: str, args, workdir: Path) -> list[dict]:
                          "reference_images_per_s": ref_json["train_images"] / ref["wall_s"],
                          "medclf_images_per_s": ref_json["train_images"] / med["wall_s"],
                          "reference_val_auc": ref_json["val_auc"], "medclf_val_auc": val_auc,
-                         "reference_peak_rss_mb": ref["peak_rss_mb"], "medclf_peak_rss_mb": med["peak_rss_mb"]})
+                         "reference_peak_rss_mb": ref["peak_rss_mb"], "medclf_peak_rss_mb": med["peak_rss_mb"],
+                         "reference_loop_images_per_s": ref_json["images_per_s"],
+                         "medclf_epoch_images_per_s": ref_json["train_images"] / epoch_seconds(run_dir)})
             if r == 0:
-                cmd = [sys.executable, "-m", "medclf", "train", str(data), *common, "--out", str(workdir / "tts"), "--force"]
+                cmd = [sys.executable, "-m", "medclf", "train", str(data), *common, *med_flags, "--out",
+                       str(workdir / "tts"), "--force"]
                 rows[-1]["medclf_seconds_to_training_warm_cache"] = time_to_training(cmd)
             print(json.dumps(rows[-1]), flush=True)
         if "infer" in args.modes and (run_dir / "model.pt").is_file():
             ref = last_json(measured([sys.executable, str(REFERENCE), str(data), *common[:4], "--epochs",
-                                      str(args.passes), "--batch-size", "256", "--mode", "infer"])["stdout"])
-            med = last_json(measured([sys.executable, "-c", INFER_SNIPPET, str(run_dir), str(data), str(args.passes)],
-                                     env)["stdout"])
+                                      str(args.passes), "--batch-size", "256", *ref_flags, "--mode", "infer"],
+                                     ref_env)["stdout"])
+            med = last_json(measured([sys.executable, "-c", INFER_SNIPPET, str(run_dir), str(data), str(args.passes),
+                                      args.device], env)["stdout"])
             rows.append({"case": name, "mode": "infer", "repeat": r, "passes": args.passes,
                          "reference_images_per_s": ref["images_per_s"], "medclf_images_per_s": med["images_per_s"],
-                         "ratio": med["images_per_s"] / ref["images_per_s"]})
+                         "ratio": med["images_per_s"] / ref["images_per_s"],
+                         "medclf_loop_images_per_s": med["loop_images_per_s"]})
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main() -> None:
@@ -148,12 +185,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--passes", type=int, default=3, help="inference passes over the validation split")
     ap.add_argument("--mednist-per-class", type=int, default=1000, help="MedNIST train images per class (val: 1/8)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="cuda: medclf and the plain loop both on the GPU, GPU_CASES; cpu: the GPU hidden from both")
+    ap.add_argument("--epochs", type=int, help="training epochs (default: the case's)")
+    ap.add_argument("--reference-workers", type=int, default=2, help="the plain loop's DataLoader workers")
     ap.add_argument("--images", type=int, default=300, help="engines mode: images timed per arm and round")
     ap.add_argument("--rounds", type=int, default=3, help="engines mode: rounds, arms alternating within each")
     ap.add_argument("--run", help="engines mode: a trained 224 px run to time (default: random weights)")
     ap.add_argument("--data", default=str(SHARED / "chest_xray_400"), help="engines mode: images (DATA/train/CLASS/)")
     args = ap.parse_args()
     args.modes = args.modes.split(",")
+    if args.device == "cuda" and not cuda_available():
+        sys.exit("speed.py: --device cuda: PyTorch sees no CUDA GPU here")
     if args.modes == ["engines"]:  # inference engines side by side in one process (benchmarks/engines.py)
         from engines import run_engines
 

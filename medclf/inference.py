@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from . import runtime, tasks
 from .data import dicom, sources
-from .data.augment import prepare_batch
+from .data.augment import prepare_batch, to_device
+from .data.placement import images_on_device
 from .data.store import Store, build_store, native_size
 from .errors import MedclfError
 from .models import load_model, read_checkpoint, resolve_model_path
@@ -138,8 +139,8 @@ def model_view(ckpt: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
 
 
 def normalise(ckpt: dict[str, Any], view: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(ckpt["mean"], device=view.device, dtype=view.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(ckpt["std"], device=view.device, dtype=view.dtype).view(1, -1, 1, 1)
+    mean = to_device(torch.tensor(ckpt["mean"]), view).view(1, -1, 1, 1)
+    std = to_device(torch.tensor(ckpt["std"]), view).view(1, -1, 1, 1)
     return (view - mean) / std
 
 
@@ -165,16 +166,16 @@ def predict_store(model: nn.Module, store: Store, ckpt: dict[str, Any], device: 
     out = []
     for idx in tqdm(torch.arange(len(store)).split(batch_size), desc=desc or "predict", unit="batch", leave=False,
                     disable=desc is None or len(store) < 4 * batch_size):
-        x = preprocess(ckpt, store.take(idx).to(device, non_blocking=True))
+        x = preprocess(ckpt, images_on_device(store, idx, device))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with runtime.autocast(device, precision):
             logits = model(x).float()
             if tta:  # average the original and the horizontally flipped image
                 logits = tasks.logits_of_mean([logits, model(x.flip(-1)).float()], task)
-        out.append(tasks.to_probabilities(logits, task).cpu())
+        out.append(tasks.to_probabilities(logits, task))  # kept on the device: one copy back at the end, no wait per batch
     model.train(was_training)
-    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, ckpt["num_classes"]), np.float32)
+    return torch.cat(out).cpu().numpy().astype(np.float32) if out else np.zeros((0, ckpt["num_classes"]), np.float32)
 
 
 def open_data(ckpt: dict[str, Any], data: str, options: dict | None = None) -> sources.Source:

@@ -135,6 +135,7 @@ def probe(arch: str, num_classes: int, channels: int, stem: str, input_size: int
     dev = runtime.pick_device(str(device))
     precision = runtime.pick_precision("auto", dev)
     channels_last = runtime.use_channels_last(None, dev, precision)
+    runtime.tune_backend(dev)  # as training runs: the warm-up step below pays for cuDNN's algorithm search
     rng_state = torch.get_rng_state()
     try:
         model = models.build_model(arch, num_classes, channels, stem).to(
@@ -142,7 +143,8 @@ def probe(arch: str, num_classes: int, channels: int, stem: str, input_size: int
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=dev.type in ("cpu", "cuda"))
         loss_fn = torch.nn.CrossEntropyLoss()
         gen = torch.Generator().manual_seed(0)
-        x8 = torch.randint(0, 256, (batch_size, channels, store_size, store_size), dtype=torch.uint8, generator=gen)
+        # on the device once, as a store that fits there is (placement.py): steps time the GPU's work, not a copy
+        x8 = torch.randint(0, 256, (batch_size, channels, store_size, store_size), dtype=torch.uint8, generator=gen).to(dev)
         y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
         norm = [0.5] * channels
         preset = training_preset(augment, intensity)
@@ -175,13 +177,14 @@ def probe(arch: str, num_classes: int, channels: int, stem: str, input_size: int
         xi = torch.randint(0, 256, (min(infer_batch, 2 * batch_size), channels, store_size, store_size), dtype=torch.uint8,
                            generator=gen)
         with torch.inference_mode():
-            t0 = time.perf_counter()
-            x = prepare_batch(xi.to(dev), input_size, norm, norm, channels)
-            with runtime.autocast(dev, precision):
-                model(x)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            infer_s = time.perf_counter() - t0
+            for _ in range(2 if dev.type == "cuda" else 1):  # CUDA: the first pass selects kernels for the shape
+                t0 = time.perf_counter()
+                x = prepare_batch(xi.to(dev), input_size, norm, norm, channels)
+                with runtime.autocast(dev, precision):
+                    model(x)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                infer_s = time.perf_counter() - t0
     finally:
         torch.set_rng_state(rng_state)
     return {"train_img_per_s": round(batch_size / train_s, 2), "infer_img_per_s": round(len(xi) / infer_s, 2),
@@ -281,15 +284,24 @@ class _Prober:
                  seconds: float, do_probe: bool):
         self.settings, self.k, self.channels, self.store_size = settings, k, channels, store_size
         self.device, self.seconds, self.do_probe = device, seconds, do_probe
-        self.cache: dict[tuple[str, int], dict] = {}
+        self.cache: dict[tuple[str, str, int], dict] = {}
         self.results: list[dict] = []  # the probes of the last search, for the plan's record
 
-    def __call__(self, stem: str, size: int) -> dict:
-        if (stem, size) not in self.cache:
-            self.cache[stem, size] = probe(self.settings["model"], self.k, self.channels, stem, size,
-                                           self.store_size or size, int(self.settings["batch_size"]),
-                                           self.settings["augment"], self.device, max_seconds=self.seconds, max_steps=3)
-        return self.cache[stem, size]
+    def __call__(self, stem: str, size: int, model: str | None = None) -> dict:
+        model = model or self.settings["model"]
+        if (model, stem, size) not in self.cache:
+            self.cache[model, stem, size] = probe(model, self.k, self.channels, stem, size,
+                                                  self.store_size or size, int(self.settings["batch_size"]),
+                                                  self.settings["augment"], self.device, max_seconds=self.seconds,
+                                                  max_steps=3)
+        return self.cache[model, stem, size]
+
+
+def _probe_row(stem: str, size: int, measured: dict, n_train: int, n_val: int, budget: float) -> dict[str, Any]:
+    """A probe with the epoch time it implies for n_train + n_val images and the epochs that fit `budget` minutes."""
+    epoch_s = n_train / measured["train_img_per_s"] + n_val / measured["infer_img_per_s"]
+    fit = int(BUDGET_USE * budget * 60 // epoch_s)
+    return {"stem": stem, "size": size, **measured, "epoch_s": round(epoch_s, 1), "epochs_in_budget": fit}
 
 
 def _choose_size(cands: list[tuple[str, int, str]], measure: _Prober, n_train: int, n_val: int,
@@ -305,11 +317,8 @@ def _choose_size(cands: list[tuple[str, int, str]], measure: _Prober, n_train: i
     for stem, size, why in cands:
         if _cost(stem, size) >= too_slow:
             continue  # at least as expensive as one that did not fit: no need to time it
-        p = measure(stem, size)
-        epoch_s = n_train / p["train_img_per_s"] + n_val / p["infer_img_per_s"]
-        fit = int(BUDGET_USE * budget * 60 // epoch_s)
-        probes.append({"stem": stem, "size": size, **p, "epoch_s": round(epoch_s, 1), "epochs_in_budget": fit})
-        if fit >= min_epochs:
+        probes.append(_probe_row(stem, size, measure(stem, size), n_train, n_val, budget))
+        if probes[-1]["epochs_in_budget"] >= min_epochs:
             measure.results = probes
             return {"chosen": (stem, size, why, probes[-1]), "fits": True, "why_not": "", "probes": probes}
         too_slow = min(too_slow, _cost(stem, size))
@@ -320,6 +329,37 @@ def _choose_size(cands: list[tuple[str, int, str]], measure: _Prober, n_train: i
     measure.results = probes
     return {"chosen": (stem, size, why + f" (the cheapest candidate; none fits {min_epochs} epochs in {budget:.3g} min)",
                        probes[best]), "fits": False, "why_not": why_not, "probes": probes}
+
+
+DEEPER_MODELS = ("resnet50", "resnet34")  # deepest first: the first whose epochs fit with headroom wins
+DEEPER_MIN_TRAIN = 20_000  # training images from which depth pays (ChestX-ray14/CheXpert baselines are ResNet-50 class)
+DEEPER_HEADROOM = 2  # a deeper model must fit this many times the minimum epochs: depth never costs convergence
+
+
+def _deeper_model(measure: _Prober, cands: list[tuple[str, int, str]], search: dict, n_train: int, n_val: int,
+                  budget: float) -> tuple[str, str, dict] | None:
+    """(model, why, its probe row) for a ResNet deeper than the default, by the rule the size follows: where the
+    most accurate size already fits and the data is large, the deepest model whose epochs still fit
+    DEEPER_HEADROOM times the minimum. None where ResNet-18 stays (a slow device, a small set, no probe)."""
+    stem, size, _, measured = search["chosen"]
+    if measured is None or not search["fits"] or (stem, size) != cands[0][:2] or n_train < DEEPER_MIN_TRAIN:
+        return None
+    need = DEEPER_HEADROOM * _min_epochs(n_train)
+    for model in DEEPER_MODELS:
+        try:
+            measured = measure(stem, size, model)
+        except torch.OutOfMemoryError:  # the deeper model's activations exceed the GPU at this batch: not a fit
+            measured = None
+        if measured is None:
+            torch.cuda.empty_cache()  # here, not in the handler: its traceback still held the probe's tensors
+            continue
+        row = {"model": model, **_probe_row(stem, size, measured, n_train, n_val, budget)}
+        measure.results.append(row)
+        if row["epochs_in_budget"] >= need:
+            return model, (f"{model}: {n_train} training images, and this device fits {row['epochs_in_budget']} of its "
+                           f"epochs at the most accurate size ({size} px), ≥ {need} ({DEEPER_HEADROOM}× the minimum): "
+                           f"depth pays on large sets"), row
+    return None
 
 
 def _checkpoint_rule(folds: int, n_val: int) -> tuple[str, str]:
@@ -449,6 +489,11 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
         fold_train, fold_val = n_train, n_val
     search = _choose_size(cands, measure, fold_train, fold_val, budget / models_trained)
     stem, size, why, measured = search["chosen"]
+    deeper = (_deeper_model(measure, cands, search, fold_train, fold_val, budget / models_trained)
+              if not finetune and "model" not in fixed else None)
+    if deeper is not None:  # a fast device with budget to spare: the same fit, one rung up in depth
+        measured = deeper[2]
+        decide("model", deeper[0], deeper[1])
     if base is None:
         decide("size", size, why)
         decide("stem", stem, f"{stem} stem for {size} px inputs" + ("" if stem == "imagenet" else " (keeps full resolution)"))
@@ -516,7 +561,7 @@ def format_plan(plan: dict[str, Any], fp: dict[str, Any]) -> str:
                  f"{(fp.get('aspect') or {}).get('median', 1):.2f}, {fp['channels']} channel(s), {fp['bit_depth']}-bit, "
                  f"imbalance {fp['imbalance_ratio']}x")
     for p in plan["probe"]:
-        lines.append(f"probe: {p['stem']} stem {p['size']} px: {p['train_img_per_s']:.0f} img/s train, "
+        lines.append(f"probe: {p['model'] + ', ' if 'model' in p else ''}{p['stem']} stem {p['size']} px: {p['train_img_per_s']:.0f} img/s train, "
                      f"{p['infer_img_per_s']:.0f} img/s inference → {p['epoch_s']:.0f} s/epoch, {p['epochs_in_budget']} "
                      f"epoch(s) in budget")
     for split, how in plan.get("splits", {}).items():

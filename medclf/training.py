@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import math
 import time
@@ -20,6 +21,7 @@ from .planning import PLANNED, balance_for, fingerprint, format_plan, make_plan,
 from .config import TrainConfig, load_yaml, save_yaml
 from .data import dicom, sources, splits
 from .data.augment import PRESETS, prepare_batch, training_preset
+from .data.placement import batch_on_device, place_stores
 from .data.store import Store, build_store, cache_root, native_size, probe_channels
 from .errors import MedclfError
 from .evaluation import choose_threshold
@@ -28,6 +30,7 @@ from .metrics import METHOD_VAL, METHOD_VAL_SELECTED, estimate, evaluate_predict
 from .model_card import headline_intervals
 from .serialize import json_safe, plain
 
+PROGRESS_EVERY = 25  # steps between the progress bar's loss updates: each one waits for the GPU to catch up
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_auc",
                    "val_f1_macro", "lr", "seconds"]
 
@@ -122,6 +125,25 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
+@torch.no_grad()
+def update_ema(ema: torch.optim.swa_utils.AveragedModel, model: nn.Module) -> None:
+    """`ema.update_parameters(model)` with its step counter left on the host: torch's own copies the counter to
+    the model's device on every step, and a blocking copy to a GPU waits for all the work queued there."""
+    groups: dict[torch.dtype, tuple[list, list]] = {}  # the average runs per dtype, as AveragedModel groups it
+    for averaged, current in zip(itertools.chain(ema.module.parameters(), ema.module.buffers()),
+                                 itertools.chain(model.parameters(), model.buffers())):
+        pair = groups.setdefault(averaged.dtype, ([], []))
+        pair[0].append(averaged.detach())
+        pair[1].append(current.detach())
+    first = int(ema.n_averaged) == 0  # a host tensor (never moved with the model): reading it waits for nothing
+    for averaged, current in groups.values():
+        if first:
+            torch._foreach_copy_(averaged, current)
+        else:
+            ema.multi_avg_fn(averaged, current, ema.n_averaged)
+    ema.n_averaged += 1
+
+
 def train_one_epoch(model, store: Store, order: torch.Tensor, spec: dict, optimizer, scheduler, loss_fn,
                     cfg: TrainConfig, env: dict, generator: torch.Generator, ema=None, desc: str = "",
                     deadline: float | None = None, max_steps: int | None = None) -> float:
@@ -132,13 +154,14 @@ def train_one_epoch(model, store: Store, order: torch.Tensor, spec: dict, optimi
     batches = order.split(cfg.batch_size)[:steps_per_epoch(len(order), cfg.batch_size)]
     if max_steps is not None:
         batches = batches[:max(0, max_steps)]
-    total, seen = 0.0, 0
+    # the loss is summed on the device: reading it back waits for the GPU, so that happens once per epoch
+    # (and every PROGRESS_EVERY steps while a progress bar shows it), never once per step
+    total, seen = torch.zeros((), dtype=runtime.accumulator_dtype(env["device"]), device=env["device"]), 0
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not env["progress"])
-    for idx in bar:
+    for step, idx in enumerate(bar, 1):
         if deadline is not None and seen and time.perf_counter() > deadline:
             break  # the time budget ends inside this epoch: validate what was trained so far
-        x = store.take(idx).to(env["device"], non_blocking=True)
-        y = store.labels[idx].to(env["device"], non_blocking=True)
+        x, y = batch_on_device(store, idx, env["device"])
         x = prepare_batch(x, spec["input_size"], spec["mean"], spec["std"], spec["in_chans"], preset, generator)
         if env["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -154,11 +177,12 @@ def train_one_epoch(model, store: Store, order: torch.Tensor, spec: dict, optimi
         if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step()
         if ema is not None:
-            ema.update_parameters(model)
-        total += loss.item() * len(idx)
+            update_ema(ema, model)
+        total += loss.detach().to(total.dtype) * len(idx)
         seen += len(idx)
-        bar.set_postfix(loss=f"{total / seen:.4f}")
-    return total / max(1, seen)
+        if env["progress"] and step % PROGRESS_EVERY == 0:
+            bar.set_postfix(loss=f"{total.item() / seen:.4f}")
+    return total.item() / max(1, seen)
 
 
 def validation_row(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, float]:
@@ -226,6 +250,7 @@ def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool
     device = runtime.pick_device(cfg.device)
     precision = runtime.pick_precision(cfg.precision, device)
     channels_last = runtime.use_channels_last(cfg.channels_last, device, precision)
+    runtime.tune_backend(device)
     balance = resolve_balance(cfg, stores["train"].labels, spec["num_classes"], facts)
     tasks.check_balance(tasks.task_of(spec), balance)
     if cfg.folds >= 2 and tasks.is_multilabel(spec):
@@ -247,6 +272,10 @@ def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool
                 "channels_last": channels_last}
     env = {"device": device, "precision": precision, "channels_last": channels_last, "progress": progress,
            "balance": balance}
+    # train and val are read every epoch; cross-validation also holds them pooled and one fold's two parts
+    stores, placement = place_stores(stores, ("train", "val"), device, copies=3 if cfg.folds >= 2 else 1)
+    if device.type == "cuda":
+        print(f"medclf: {placement.reason}")
     if cfg.folds >= 2:
         if not resume:
             _write_run_files(out, resolved, the_plan, split_files, skipped, checked)

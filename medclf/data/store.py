@@ -52,8 +52,8 @@ class Store:
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """The uint8 images at idx (a 1-D index tensor)."""
-        if isinstance(self.images, torch.Tensor):
-            return self.images.index_select(0, idx)
+        if isinstance(self.images, torch.Tensor):  # on the host, or on the GPU it was placed on (placement.py)
+            return self.images.index_select(0, idx.to(self.images.device))
         order = np.sort(idx.numpy())  # sorted reads are sequential on a memmap
         batch = torch.from_numpy(np.ascontiguousarray(self.images[order]))
         inverse = torch.from_numpy(np.searchsorted(order, idx.numpy()))
