@@ -11,6 +11,7 @@ chunks together (`chunked_order`): every chunk is read once per epoch, and a bat
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import threading
 import weakref
@@ -58,6 +59,28 @@ def available_ram() -> int:
 def rows_per_chunk(row_bytes: int, budget: int) -> int:
     """Images per chunk: CHUNK_BYTES' worth, fewer when the budget cannot hold SLOTS chunks; at least one."""
     return max(1, min(CHUNK_BYTES, budget // SLOTS) // max(1, row_bytes))
+
+
+def rows_per_block(images: np.ndarray) -> int:
+    """Rows to decode before `release_pages`: a whole store in memory; for a memory map, CHUNK_BYTES × MIX
+    worth, or a quarter of the budget when that is less."""
+    if not isinstance(images, np.memmap):
+        return max(1, len(images))
+    return max(1, min(CHUNK_BYTES * MIX, data_ram_budget() // 4) // max(1, images.strides[0]))
+
+
+def release_pages(images: np.ndarray, start: int, stop: int) -> None:
+    """Drop rows start..stop of a store written through a memory map (np.memmap, as opened) from this
+    process's resident memory: the rows stay in the file and the page cache, and are read back from
+    there if touched again. Anything else is left alone."""
+    mapping = getattr(images, "_mmap", None)
+    if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    skip = images.offset % mmap.ALLOCATIONGRANULARITY  # np.memmap maps from an aligned offset before the data
+    first, last = skip + start * images.strides[0], skip + stop * images.strides[0]
+    first -= first % mmap.PAGESIZE
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, min(last, len(mapping)) - first)
 
 
 def chunked_order(draw: torch.Tensor, chunk: int, generator: torch.Generator) -> torch.Tensor:

@@ -26,7 +26,7 @@ from ..errors import MedclfError
 from . import cache as disk_cache
 from . import dicom, npz
 from .cache import cache_root
-from .chunks import ChunkReader, data_ram_budget
+from .chunks import ChunkReader, data_ram_budget, release_pages, rows_per_block
 from .sources import Source, Split, notice
 
 # what PIL raises for a file it cannot decode; the bomb warning counts once `_bombs_are_errors` is in force
@@ -361,10 +361,14 @@ def _decode_files(paths: list[str], images: np.ndarray, skip_bad: bool, desc: st
             reasons[i] = str(exc)
 
     threads = min(8, (os.cpu_count() or 1) * 2)  # PIL releases the GIL while decoding
-    with _bombs_are_errors(), ThreadPoolExecutor(threads) as pool:
-        for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=f"decode {desc}",
-                      unit="img", leave=False, disable=len(paths) < 500):
-            pass
+    block = rows_per_block(images)  # a memory map is written block by block, each block's pages then released
+    with _bombs_are_errors(), ThreadPoolExecutor(threads) as pool, \
+            tqdm(total=len(paths), desc=f"decode {desc}", unit="img", leave=False, disable=len(paths) < 500) as bar:
+        for start in range(0, len(paths), block):
+            stop = min(len(paths), start + block)
+            for _ in pool.map(work, range(start, stop)):
+                bar.update()
+            release_pages(images, start, stop)
     keep = np.setdiff1d(np.arange(len(paths)), list(reasons))
     if skip_bad and not len(keep):
         raise MedclfError(f"every image in the {desc} split is unreadable")
