@@ -6,7 +6,8 @@ map: a mapped page counts in the process's resident memory until the kernel evic
 large file through the map grows RSS towards the file's size, while the buffers keep it at their own.
 Each training epoch visits the chunks in a random order, `MIX` at a time, shuffling the images of those
 chunks together (`chunked_order`): every chunk is read once per epoch, and a batch still draws from
-`MIX` places in the file.
+`MIX` places in the file. Decoding into the cache file through its memory map releases each finished
+block's pages (`release_pages`), so a first run is bounded as well.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def data_ram_budget() -> int:
 
 
 def available_ram() -> int:
+    """MemAvailable (Linux); 8 GiB where the system does not say."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
