@@ -5,7 +5,8 @@ Arms, timed alternately round by round on the same image files:
   torch_fp32  medclf predict's torch engine (threaded reduced-size JPEG decode, channels_last fp32)
   torch_bf16  the same under bf16 autocast, only where the CPU has avx512_bf16 or AMX
   onnx_fp32   medclf predict --engine onnx (ONNX Runtime, preprocessing inside the graph)
-  onnx_int8   the same on the static int8 model (`medclf export --quantize int8`)
+  onnx_int8   the same on the static int8 model (`medclf export --quantize int8`; predict --precision int8)
+  openvino_fp32, openvino_int8   medclf predict --engine openvino on the same two files (where OpenVINO is installed)
 
 The model is a ResNet-18 with a 1-channel ImageNet stem and 2 classes (the chest X-ray shape); speed does
 not depend on the weights, so by default they are random. --run RUN times a trained 224 px run instead
@@ -109,19 +110,18 @@ def medclf_arm(images: Path, loaded):
     return run
 
 
-def onnx_arm(images: Path, ckpt: dict, model_file: Path):
-    import onnxruntime as ort
+def graph_arm(images: Path, ckpt: dict, model_file: Path, engine: str):
+    """medclf predict's graph engine (`onnx` or `openvino`) on one exported file, fp32 or int8."""
+    from medclf.exporting import onnx_runner, openvino_runner
+    from medclf.inference import GraphModel
 
-    from medclf.exporting import session_options
-    from medclf.inference import OnnxModel
-
-    session = ort.InferenceSession(str(model_file), session_options(), providers=["CPUExecutionProvider"])
-    return medclf_arm(images, OnnxModel(session, ckpt))
+    runner = (openvino_runner if engine == "openvino" else onnx_runner)(model_file)
+    return medclf_arm(images, GraphModel(runner, ckpt, engine, "int8" if "int8" in model_file.name else "fp32"))
 
 
 def run_engines(args) -> dict:
     import medclf
-    from medclf.inference import load_for_inference
+    from medclf.inference import load_for_inference, openvino_engine_available
     from medclf.runtime import cpu_has_fast_bf16
 
     cpu = cpu_description()
@@ -137,8 +137,9 @@ def run_engines(args) -> dict:
         arms = {"plain": plain_arm(images, loaded.ckpt), "torch_fp32": medclf_arm(images, loaded)}
         if cpu_has_fast_bf16():
             arms["torch_bf16"] = medclf_arm(images, load_for_inference(run, "cpu", "bf16"))
-        arms["onnx_fp32"] = onnx_arm(images, loaded.ckpt, workdir / "export" / "model.onnx")
-        arms["onnx_int8"] = onnx_arm(images, loaded.ckpt, workdir / "export" / "model.int8.onnx")
+        for engine in ("onnx", "openvino") if openvino_engine_available() else ("onnx",):
+            arms[f"{engine}_fp32"] = graph_arm(images, loaded.ckpt, workdir / "export" / "model.onnx", engine)
+            arms[f"{engine}_int8"] = graph_arm(images, loaded.ckpt, workdir / "export" / "model.int8.onnx", engine)
         rates: dict[str, list[float]] = {name: [] for name in arms}
         for _ in range(args.rounds):
             for name, arm in arms.items():

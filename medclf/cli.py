@@ -145,9 +145,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="treat INPUT as DATA and predict this split")
     p.add_argument("--out", default="predictions.csv")
     p.add_argument("--tta", action="store_true")
-    p.add_argument("--engine", choices=["torch", "onnx", "auto"], default="torch",
-                   help="torch (default); onnx: ONNX Runtime on the model's ONNX export (made on first use); "
-                        "auto: onnx when ONNX Runtime is installed and the device is the CPU")
+    p.add_argument("--engine", choices=["torch", "onnx", "openvino", "auto"], default="torch",
+                   help="torch (default); onnx / openvino: ONNX Runtime / OpenVINO on the model's ONNX export (made "
+                        "on first use); auto: the fastest of them installed on the CPU")
+    p.add_argument("--precision", default="auto",
+                   help="auto (default); fp32; int8 with --engine openvino|onnx (quantized once, calibrated on the "
+                        "run's training images); bf16/fp16 with --engine torch")
     add_inference_flags(p)
 
     p = sub.add_parser("export", help="the model as ONNX or TorchScript plus manifest.json, for use without medclf")
@@ -230,7 +233,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     elif args.command == "predict":
         rows = medclf.predict(args.model, args.inputs, split=args.split, out=args.out, tta=args.tta,
-                              device=args.device, skip_bad=args.skip_bad, engine=args.engine)
+                              device=args.device, precision=args.precision, skip_bad=args.skip_bad,
+                              engine=args.engine)
         print(f"{len(rows)} prediction(s) → {args.out}")
     elif args.command == "export":
         export_command(args)

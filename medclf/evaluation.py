@@ -38,7 +38,8 @@ def predict(run_or_model: str, inputs: list[str], split: str | None = None, out:
             cache: bool = True, engine: str = "torch") -> list[dict]:
     """Predictions for image files/folders, or for a split of DATA. Writes a CSV when `out` is given.
 
-    engine: torch, onnx (ONNX Runtime on the model's ONNX export) or auto (see inference.load_for_inference)."""
+    engine: torch, onnx / openvino (ONNX Runtime / OpenVINO on the model's ONNX export) or auto; precision "int8"
+    runs the export's int8 quantization (see inference.load_for_inference)."""
     out_path = output_file(out, "--out", "the predictions CSV") if out else None
     loaded = load_for_inference(run_or_model, device, precision, engine)
     classes = loaded.ckpt["classes"]

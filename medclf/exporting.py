@@ -14,10 +14,12 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -154,22 +156,69 @@ def cached_onnx(ckpt: dict[str, Any], model_path: Path) -> Path:
     return path
 
 
+def cached_int8(ckpt: dict[str, Any], model_path: Path) -> Path:
+    """The cached ONNX export's int8 quantization beside it, made on first use (as `export --quantize int8`:
+    calibrated on the run's training images, judged on its validation split; the report is kept as int8.json).
+    A model that int8 changes beyond INT8_TOLERANCE still runs, with a warning naming the change."""
+    fp32 = cached_onnx(ckpt, model_path)
+    path = fp32.with_name(INT8_FILE)
+    report_path = fp32.with_name("int8.json")
+    if not path.is_file():
+        from .quantize import quantize_int8
+
+        def write(tmp: Path) -> None:
+            report = quantize_int8(fp32, tmp, ckpt, None, model_path.parent, 128, INT8_TOLERANCE)
+            atomic.write_text(report_path, json.dumps(report, indent=2))
+
+        atomic.write_with(path, write)
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    if report and not report.get("within_tolerance", True):
+        print(f"medclf: warning: int8 changes this model's validation metrics by {report['change']} "
+              f"(tolerance {INT8_TOLERANCE}); fp32 answers as the run reported", file=sys.stderr)
+    return path
+
+
 def session_options() -> Any:
     """ONNX Runtime settings for CPU inference: every core this process may use, all graph optimisations."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    options.intra_op_num_threads = cpu_threads()
     return options
 
 
-def onnx_session(ckpt: dict[str, Any], model_path: Path) -> Any:
-    """An ONNX Runtime session on the checkpoint's (cached) ONNX export."""
+def cpu_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """ONNX Runtime on one ONNX file: uint8 batch → probabilities."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise MedclfError("--engine onnx needs ONNX Runtime: pip install onnxruntime (or use --engine torch)") from None
+    session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    return lambda images: session.run(None, {"image": images})[0]
 
-    return ort.InferenceSession(str(cached_onnx(ckpt, model_path)), session_options(),
-                                providers=["CPUExecutionProvider"])
+
+def openvino_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """OpenVINO on one ONNX file: uint8 batch → probabilities. fp32 graphs run in fp32 (OpenVINO would otherwise
+    pick bf16 on CPUs that have it, and the answers would differ from the run's); a quantized graph runs its int8
+    convolutions as quantized."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise MedclfError("--engine openvino needs OpenVINO: pip install openvino (or use --engine onnx)") from None
+    compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY",
+                                                          "INFERENCE_PRECISION_HINT": "f32",
+                                                          "INFERENCE_NUM_THREADS": cpu_threads()})
+    request = compiled.create_infer_request()
+    return lambda images: request.infer({0: images})[0].copy()
+
+
+def graph_runner(ckpt: dict[str, Any], model_path: Path, engine: str, int8: bool = False
+                 ) -> Callable[[np.ndarray], np.ndarray]:
+    """The checkpoint's (cached) ONNX export, fp32 or int8, run by `engine` ("onnx" or "openvino")."""
+    path = cached_int8(ckpt, model_path) if int8 else cached_onnx(ckpt, model_path)
+    return (openvino_runner if engine == "openvino" else onnx_runner)(path)

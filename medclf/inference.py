@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -43,45 +43,58 @@ class LoadedModel:
 
 
 @dataclass
-class OnnxModel:
-    """A checkpoint exported to ONNX (preprocessing inside the graph), run by ONNX Runtime on the CPU."""
+class GraphModel:
+    """A checkpoint exported to ONNX (preprocessing inside the graph: uint8 images in, probabilities out), run on
+    the CPU by ONNX Runtime or OpenVINO; `run(images)` is the engine's call on one uint8 N×C×H×W batch."""
 
-    session: Any
+    run: Callable[[np.ndarray], np.ndarray]
     ckpt: dict[str, Any]
+    engine: str
+    precision: str
 
     def predict(self, store: Store, tta: bool = False, desc: str | None = None) -> np.ndarray:
         """Class probabilities (N×K float32), as `predict_store` gives them for the same checkpoint."""
         out = []
-        for idx in tqdm(torch.arange(len(store)).split(ONNX_BATCH), desc=desc or "predict", unit="batch",
-                        leave=False, disable=desc is None or len(store) < 4 * ONNX_BATCH):
+        for idx in tqdm(torch.arange(len(store)).split(GRAPH_BATCH), desc=desc or "predict", unit="batch",
+                        leave=False, disable=desc is None or len(store) < 4 * GRAPH_BATCH):
             images = store.take(idx).numpy()
-            probs = self.session.run(None, {"image": images})[0]
+            probs = self.run(images)
             if tta:  # the flipped image's probabilities, averaged as predict_store averages them
-                probs = (probs + self.session.run(None, {"image": np.ascontiguousarray(images[..., ::-1])})[0]) / 2
+                probs = (probs + self.run(np.ascontiguousarray(images[..., ::-1]))) / 2
             out.append(probs)
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.ckpt["num_classes"]), np.float32)
 
 
-ONNX_BATCH = 64  # ONNX Runtime gains nothing from larger batches on a CPU, and memory stays small
-ENGINES = ("torch", "onnx", "auto")
+GRAPH_BATCH = 64  # the graph engines gain nothing from larger batches on a CPU, and memory stays small
+ENGINES = ("torch", "onnx", "openvino", "auto")
+GRAPH_PRECISIONS = ("auto", "fp32", "int8")
 
 
 def load_for_inference(run_or_model: str | Path, device: str = "auto", precision: str = "auto",
-                       engine: str = "torch") -> LoadedModel | OnnxModel:
+                       engine: str = "torch") -> LoadedModel | GraphModel:
     """The model of a run directory or model.pt, ready to predict a store.
 
     engine "torch": the PyTorch model, moved to `device` in the memory format that runs fastest there;
-    "onnx": ONNX Runtime on the checkpoint's ONNX export (exported once into the cache); "auto": ONNX
-    Runtime when it is installed and the device is the CPU, else torch."""
+    "onnx" / "openvino": ONNX Runtime / OpenVINO on the checkpoint's ONNX export (exported once into the cache;
+    precision "int8": its static int8 quantization, made once, calibrated on the run's training images);
+    "auto": the fastest fp32 engine installed on the CPU (see `auto_engine`), torch elsewhere."""
     if engine not in ENGINES:
-        raise MedclfError(f"--engine {engine!r}: choose torch, onnx or auto")
-    if engine == "onnx" and device not in ("auto", "cpu"):
-        raise MedclfError(f"--engine onnx runs on the CPU; drop --device {device} or use --engine torch")
-    if engine == "onnx" or (engine == "auto" and runtime.pick_device(device).type == "cpu" and onnx_engine_available()):
-        from .exporting import onnx_session
+        raise MedclfError(f"--engine {engine!r}: choose torch, onnx, openvino or auto")
+    if engine == "auto":
+        engine = auto_engine(runtime.pick_device(device))
+    if engine in ("onnx", "openvino"):
+        if device not in ("auto", "cpu"):
+            raise MedclfError(f"--engine {engine} runs on the CPU; drop --device {device} or use --engine torch")
+        if precision not in GRAPH_PRECISIONS:
+            raise MedclfError(f"--precision {precision!r} with --engine {engine}: choose fp32 or int8")
+        from .exporting import graph_runner
 
         ckpt = read_checkpoint(run_or_model)
-        return OnnxModel(onnx_session(ckpt, resolve_model_path(run_or_model)), ckpt)
+        int8 = precision == "int8"
+        return GraphModel(graph_runner(ckpt, resolve_model_path(run_or_model), engine, int8), ckpt, engine,
+                          "int8" if int8 else "fp32")
+    if precision == "int8":
+        raise MedclfError("--precision int8 runs on the exported graph: add --engine openvino (or onnx)")
     model, ckpt = load_model(run_or_model)
     dev = runtime.pick_device(device)
     prec = runtime.pick_precision(precision, dev)
@@ -90,10 +103,32 @@ def load_for_inference(run_or_model: str | Path, device: str = "auto", precision
     return LoadedModel(model, ckpt, dev, prec, channels_last)
 
 
+def auto_engine(device: torch.device) -> str:
+    """On the CPU OpenVINO, else ONNX Runtime, else torch: the order of their fp32 speed in benchmarks/engines.py
+    (README "Inference speed"); on a GPU torch."""
+    if device.type != "cpu" or not onnx_export_available():
+        return "torch"
+    if openvino_engine_available():
+        return "openvino"
+    return "onnx" if onnx_engine_available() else "torch"
+
+
+def onnx_export_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript"))
+
+
 def onnx_engine_available() -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx", "onnxscript"))
+    return onnx_export_available() and importlib.util.find_spec("onnxruntime") is not None
+
+
+def openvino_engine_available() -> bool:
+    import importlib.util
+
+    return onnx_export_available() and importlib.util.find_spec("openvino") is not None
 
 
 def model_view(ckpt: dict[str, Any], images: torch.Tensor) -> torch.Tensor:

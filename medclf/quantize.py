@@ -1,6 +1,7 @@
 """int8 static quantization of an exported ONNX model, judged on the run's validation split.
 
-ONNX Runtime's static quantization (QDQ, per-channel int8 weights, uint8 activations) needs the
+ONNX Runtime's static quantization (QDQ, per-channel int8 weights, uint8 activations; the preprocessing
+and the final softmax stay in float, see `float_nodes`) needs the
 ranges of the activations: they are measured on images of the training split (the run's splits.csv
 says which), never on the validation images it is then judged on. The report puts validation
 accuracy/AUC of both models next to their speed; the export recommends int8 only within a tolerance.
@@ -49,9 +50,21 @@ def quantize_int8(fp32_path: Path, int8_path: Path, ckpt: dict[str, Any], data: 
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=float_nodes(prepared))
     val, _ = split_store(ckpt, source, "val")
     return validation_report(fp32_path, int8_path, val, ckpt["classes"], len(calibration), tolerance)
+
+
+def float_nodes(model_path: Path) -> list[str]:
+    """The nodes that stay in float: the preprocessing in front of the network (scaling, crop and resize of the
+    uint8 image: the input rule stays exact) and the softmax/sigmoid behind it (quantized probabilities would be
+    multiples of 1/255, which ties ranks and moves AUC)."""
+    import onnx
+
+    nodes = onnx.load(str(model_path), load_external_data=False).graph.node
+    first_conv = next(i for i, node in enumerate(nodes) if node.op_type == "Conv")
+    return [node.name for i, node in enumerate(nodes) if i < first_conv or node.op_type in ("Softmax", "Sigmoid")]
 
 
 def calibration_batch(train: Store, splits_csv: Path, count: int, seed: int) -> np.ndarray:

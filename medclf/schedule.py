@@ -16,6 +16,7 @@ import torch
 from .config import TrainConfig
 
 SATURATED_VAL_IMAGES = 1000  # zero errors on this many validation images: the error rate is below 3/n (rule of three)
+SATURATED_ERROR_RATE = 0.001  # on at least SATURATED_VAL_IMAGES: this share of errors or fewer is saturated
 TAIL_FRACTION = 0.1  # an early end anneals over this share of the planned steps (see tail_steps for the bounds)
 MIN_TAIL = 3  # steps: one at the current rate, one between, one at 0
 
@@ -105,12 +106,16 @@ def epochs_that_fit(seconds_left: float, epoch_seconds: Sequence[float]) -> int:
 
 
 def saturated(history: list[dict], n_val: int) -> bool:
-    """Validation has nothing left to show: no errors now, and no errors in the epoch before too (or so many
-    validation images without an error that one epoch suffices)."""
-    def perfect(row: dict) -> bool:
+    """Validation has nothing left to show. On fewer than SATURATED_VAL_IMAGES images: no errors now and in the
+    epoch before. On more: at most SATURATED_ERROR_RATE of them wrong now (zero up to 1/rate images), because
+    with thousands of validation images the last few errors are usually ambiguous images that further epochs do
+    not fix, and the annealing tail still runs."""
+    def errors(row: dict) -> float:
         acc = row.get("val_accuracy")
-        return acc is not None and math.isfinite(acc) and acc >= 1.0
+        return (1.0 - acc) * n_val if acc is not None and math.isfinite(acc) else math.inf
 
-    if not history or n_val == 0 or not perfect(history[-1]):
+    if not history or n_val == 0:
         return False
-    return n_val >= SATURATED_VAL_IMAGES or (len(history) >= 2 and perfect(history[-2]))
+    if n_val >= SATURATED_VAL_IMAGES:
+        return errors(history[-1]) <= math.floor(SATURATED_ERROR_RATE * n_val) + 1e-6
+    return len(history) >= 2 and errors(history[-1]) < 0.5 and errors(history[-2]) < 0.5

@@ -22,6 +22,7 @@ from .config import TrainConfig, load_yaml, save_yaml
 from .data import dicom, sources, splits
 from .data.augment import PRESETS, prepare_batch, training_preset
 from .data.placement import batch_on_device, place_stores
+from .data.chunks import chunked_order
 from .data.store import Store, build_store, cache_root, native_size, probe_channels
 from .errors import MedclfError
 from .evaluation import choose_threshold
@@ -105,12 +106,17 @@ def resolve_balance(cfg: TrainConfig, labels: torch.Tensor, k: int, facts: dict 
     return balance_for(ratio)
 
 
-def epoch_order(n: int, labels: torch.Tensor, balance: str, k: int, generator: torch.Generator) -> torch.Tensor:
-    """This epoch's image order: a permutation, or a class-balanced sample with replacement."""
+def epoch_order(n: int, labels: torch.Tensor, balance: str, k: int, generator: torch.Generator,
+                chunk: int = 0) -> torch.Tensor:
+    """This epoch's image order: a permutation, or a class-balanced sample with replacement.
+    `chunk`: a store read from disk in chunks of that many images (`Store.chunk`) gets the same draw
+    reordered to read each chunk once (`chunks.chunked_order`)."""
     if balance == "sample":
         w = class_weights(labels, k)[labels]
-        return torch.multinomial(w, n, replacement=True, generator=generator)
-    return torch.randperm(n, generator=generator)
+        order = torch.multinomial(w, n, replacement=True, generator=generator)
+    else:
+        order = torch.randperm(n, generator=generator)
+    return chunked_order(order, chunk, generator) if chunk else order
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -372,7 +378,8 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
                 break  # resumed after training had ended: nothing left to train
             t0 = time.perf_counter()
             # every rank draws the same order (one seeded generator) and trains on its shard of it
-            order = distributed.shard(epoch_order(len(train_store), train_store.labels, env["balance"], k, gen), world)
+            order = epoch_order(len(train_store), train_store.labels, env["balance"], k, gen, train_store.chunk)
+            order = distributed.shard(order, world)
             left = sched.last_step + 1 - scheduler.last_epoch if sched is not None else None
             train_loss = train_one_epoch(train_model, train_store, order, spec, optimizer, scheduler, loss_fn, cfg,
                                          env, gen, ema, desc=f"{desc}epoch {epoch + 1}",
@@ -438,7 +445,8 @@ def _early_end(cfg: TrainConfig, history: list[dict], bad_epochs: int, n_val: in
     if cfg.patience and bad_epochs >= cfg.patience:
         reason, last = f"early stop: no {cfg.monitor} gain in {cfg.patience} epochs", taken + tail - 1
     elif cfg.stop_saturated and saturated(history, n_val):
-        reason, last = f"validation saturated (no errors on {n_val} images)", taken + tail - 1
+        wrong = round((1 - history[-1]["val_accuracy"]) * n_val)
+        reason, last = f"validation saturated ({wrong} error(s) on {n_val} images)", taken + tail - 1
     if deadline is not None:
         fit_more = epochs_that_fit(deadline - (time.perf_counter() if now is None else now),
                                    [r["seconds"] for r in history])

@@ -365,3 +365,13 @@ def test_the_ema_update_makes_no_blocking_copy_to_the_models_device():
             training.update_ema(ema, model)
         assert seen.blocking_copies == [] and seen.large_on_host == []
     assert int(ema.n_averaged) == 2
+
+
+def test_a_run_with_ema_keeps_the_average_of_every_step(tmp_path):
+    data = make_split_folder(tmp_path / "d")  # 48 training images: 3 steps of 16
+    run = tmp_path / "run"
+    assert main(["train", str(data), *FAST_FLAGS, "--epochs", "1", "--size", "16", "--ema", "0.5", "--out", str(run)]) == 0
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert int(last["ema"]["n_averaged"]) == 3
+    kept = torch.load(run / "model.pt", weights_only=False)["state_dict"]  # the EMA weights, not the last step's
+    assert any(not torch.equal(kept[k], last["state_dict"][k]) for k in kept if kept[k].is_floating_point())

@@ -18,7 +18,7 @@ from medclf import inference
 from medclf.cli import main
 from medclf.data.store import Store
 from medclf.exporting import INT8_TOLERANCE, cached_onnx
-from medclf.inference import LoadedModel, OnnxModel, input_store, load_for_inference
+from medclf.inference import GraphModel, LoadedModel, input_store, load_for_inference
 from medclf.manifest import build_manifest, weights_sha256
 from medclf.models import ensemble_checkpoint, read_checkpoint, resolve_model_path
 from medclf.quantize import calibration_batch
@@ -188,8 +188,9 @@ def test_onnx_parity_on_the_shared_chest_xrays(tmp_path):
     expected = probabilities(tmp_path / "torch.csv")
     assert len(expected) == 100
     assert_same_probabilities(expected, run_example(tmp_path / "export", val, tmp_path / "onnx.csv"))
-    assert main(["predict", str(run), *val, "--engine", "onnx", "--out", str(tmp_path / "engine.csv")]) == 0
-    assert_same_probabilities(expected, probabilities(tmp_path / "engine.csv"))
+    for engine in ("onnx", "openvino"):
+        assert main(["predict", str(run), *val, "--engine", engine, "--out", str(tmp_path / f"{engine}.csv")]) == 0
+        assert_same_probabilities(expected, probabilities(tmp_path / f"{engine}.csv"))
 
 
 @pytest.mark.slow
@@ -209,22 +210,45 @@ def test_onnx_parity_on_pneumoniamnist_rows(tiny_run, tmp_path):
 
 # --- the ONNX engine of predict -------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
 @pytest.mark.parametrize("tta", [False, True])
-def test_onnx_engine_gives_the_torch_engines_probabilities(tiny_run, tmp_path, tta):
+def test_graph_engines_give_the_torch_engines_probabilities(tiny_run, tmp_path, tta, engine):
     data = [str(tiny_run.parent / "data" / "val")]
     torch_rows = medclf.predict(str(tiny_run), data, out=str(tmp_path / "torch.csv"), tta=tta)
-    onnx_rows = medclf.predict(str(tiny_run), data, out=str(tmp_path / "onnx.csv"), tta=tta, engine="onnx")
-    assert_same_probabilities(probabilities(tmp_path / "torch.csv"), probabilities(tmp_path / "onnx.csv"))
-    assert [r["prediction"] for r in torch_rows] == [r["prediction"] for r in onnx_rows]
+    graph_rows = medclf.predict(str(tiny_run), data, out=str(tmp_path / "graph.csv"), tta=tta, engine=engine)
+    assert_same_probabilities(probabilities(tmp_path / "torch.csv"), probabilities(tmp_path / "graph.csv"))
+    assert [r["prediction"] for r in torch_rows] == [r["prediction"] for r in graph_rows]
     header = (tmp_path / "torch.csv").read_text().splitlines()[0]
-    assert (tmp_path / "onnx.csv").read_text().splitlines()[0] == header  # same file format
+    assert (tmp_path / "graph.csv").read_text().splitlines()[0] == header  # same file format
 
 
-def test_engine_auto_uses_onnx_runtime_only_when_installed(tiny_run, monkeypatch):
-    assert isinstance(load_for_inference(tiny_run, engine="auto"), OnnxModel)
+def test_engine_auto_picks_the_fastest_installed_graph_engine(tiny_run, monkeypatch):
+    chosen = load_for_inference(tiny_run, engine="auto")
+    assert isinstance(chosen, GraphModel) and chosen.engine == "openvino" and chosen.precision == "fp32"
+    monkeypatch.setattr(inference, "openvino_engine_available", lambda: False)
+    assert load_for_inference(tiny_run, engine="auto").engine == "onnx"
     monkeypatch.setattr(inference, "onnx_engine_available", lambda: False)
     assert isinstance(load_for_inference(tiny_run, engine="auto"), LoadedModel)
     assert isinstance(load_for_inference(tiny_run, engine="torch"), LoadedModel)
+
+
+def test_int8_engines_agree_and_stay_close_to_fp32(tiny_run, tmp_path, capsys):
+    """--precision int8 quantizes the cached export once (calibrated on the run's training images) and both graph
+    engines run it: close to fp32, not equal to it, with the softmax left in float."""
+    data = [str(tiny_run.parent / "data" / "val")]
+    fp32 = probabilities_of(medclf.predict(str(tiny_run), data, out=None))
+    ort8 = probabilities_of(medclf.predict(str(tiny_run), data, out=None, engine="onnx", precision="int8"))
+    ov8 = probabilities_of(medclf.predict(str(tiny_run), data, out=None, engine="openvino", precision="int8"))
+    assert sorted(fp32) == sorted(ort8) == sorted(ov8)
+    ckpt = read_checkpoint(tiny_run)
+    int8_file = cached_onnx(ckpt, resolve_model_path(tiny_run)).with_name("model.int8.onnx")
+    report = json.loads(int8_file.with_name("int8.json").read_text())
+    assert int8_file.is_file() and report["calibrated_on"] == "training split"
+    keys = sorted(fp32)
+    f, o, v = (np.stack([d[k] for k in keys]) for d in (fp32, ort8, ov8))
+    assert np.abs(v - f).max() < 0.02 and np.abs(o - f).max() < 0.1  # int8 rounding, not another model
+    assert not np.allclose(o, f, atol=1e-6) and not np.allclose(v, f, atol=1e-6)  # really int8
+    assert len(np.unique(v[:, 1])) > len(v) // 2  # probabilities in float, not multiples of 1/255
 
 
 def test_engine_export_is_cached_by_weights(tiny_run, tmp_path):
@@ -269,6 +293,9 @@ def test_int8_calibration_draws_only_recorded_training_images(tmp_path):
     (["export", "{run}", "--format", "torchscript", "--quantize", "int8"], "--quantize int8 needs --format onnx"),
     (["export", "{run}", "--out", "{tmp}/file.txt"], "is a file"),
     (["predict", "{run}", "{tmp}", "--engine", "onnx", "--device", "cuda"], "--engine onnx runs on the CPU"),
+    (["predict", "{run}", "{tmp}", "--engine", "openvino", "--device", "cuda"], "--engine openvino runs on the CPU"),
+    (["predict", "{run}", "{tmp}", "--precision", "int8"], "--precision int8 runs on the exported graph"),
+    (["predict", "{run}", "{tmp}", "--engine", "onnx", "--precision", "bf16"], "--precision 'bf16' with --engine onnx"),
 ])
 def test_export_bad_input_is_one_line_and_exit_2(argv, needle, tiny_run, tmp_path, capsys):
     (tmp_path / "file.txt").write_text("x")

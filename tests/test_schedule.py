@@ -67,6 +67,16 @@ def test_saturation_needs_no_errors_twice_or_on_many_images():
     assert not schedule.saturated([perfect, {"val_accuracy": float("nan")}], 5000)  # a diverged epoch is no saturation
 
 
+def test_saturation_on_thousands_of_images_allows_a_tenth_of_a_percent_of_errors():
+    n = 5895  # MedNIST's validation split: 5 errors are within 0.1%, 6 are not
+    assert schedule.saturated([{"val_accuracy": 1 - 5 / n}], n)
+    assert not schedule.saturated([{"val_accuracy": 1 - 6 / n}], n)
+    assert schedule.saturated([{"val_accuracy": 1 - 1 / 1500}], 1500)  # 0.1% of 1,500 rounds down to 1 ...
+    assert not schedule.saturated([{"val_accuracy": 1 - 2 / 1500}], 1500)
+    assert schedule.saturated([{"val_accuracy": 1 - 2 / 2000}], 2000)  # ... of 2,000 allows 2
+    assert not schedule.saturated([{"val_accuracy": 1 - 1 / 999}, {"val_accuracy": 1 - 1 / 999}], 999)
+
+
 def test_epochs_that_fit_use_the_slowest_recent_pace():
     assert schedule.epochs_that_fit(100.0, [10.0, 30.0, 20.0]) == 3
     assert schedule.epochs_that_fit(5.0, [10.0]) == 0

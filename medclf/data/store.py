@@ -1,8 +1,8 @@
 """The decoded store: each split decoded, converted and resized once into one uint8 N×C×H×W array.
 
 Every epoch reuses it. Stores are cached on disk as .npy files (pixels only; `cache.py` says exactly
-what the cache key covers) and memory-mapped when larger than half the available RAM, so a second
-run starts in seconds and data larger than RAM still trains.
+what the cache key covers), so a second run starts in seconds; a cached store larger than the RAM budget
+for data stays in its file and is read in chunks (`chunks.py`), so data larger than RAM still trains.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import shutil
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +26,7 @@ from ..errors import MedclfError
 from . import cache as disk_cache
 from . import dicom, npz
 from .cache import cache_root
+from .chunks import ChunkReader, data_ram_budget, release_pages, rows_per_block
 from .sources import Source, Split, notice
 
 # what PIL raises for a file it cannot decode; the bomb warning counts once `_bombs_are_errors` is in force
@@ -35,9 +36,15 @@ UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.De
 
 @dataclass
 class Store:
-    images: torch.Tensor | np.ndarray  # uint8 N×C×H×W; a numpy memmap when larger than RAM allows
+    images: torch.Tensor | np.ndarray  # uint8 N×C×H×W; a numpy memmap when larger than the RAM budget
     labels: torch.Tensor  # int64 N, -1 where unknown
     ids: list[str]
+    reader: ChunkReader | None = field(default=None, repr=False, compare=False)  # set for a cached memmap
+
+    @property
+    def chunk(self) -> int:
+        """Images per read when the store is read from its file in chunks; 0 when it is in memory."""
+        return self.reader.chunk if self.reader is not None else 0
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -54,6 +61,8 @@ class Store:
         """The uint8 images at idx (a 1-D index tensor)."""
         if isinstance(self.images, torch.Tensor):  # on the host, or on the GPU it was placed on (placement.py)
             return self.images.index_select(0, idx.to(self.images.device))
+        if self.reader is not None:
+            return torch.from_numpy(self.reader.take(idx.numpy()))
         order = np.sort(idx.numpy())  # sorted reads are sequential on a memmap
         batch = torch.from_numpy(np.ascontiguousarray(self.images[order]))
         inverse = torch.from_numpy(np.searchsorted(order, idx.numpy()))
@@ -226,11 +235,12 @@ def build_store(source: Source, split_name: str, size: int, channels: int, skip_
     return _decode_and_cache(source, split, size, channels, skip_bad, desc, root, folder)
 
 
-def _store(images: np.ndarray | torch.Tensor, split: Split, keep: np.ndarray) -> Store:
+def _store(images: np.ndarray | torch.Tensor, split: Split, keep: np.ndarray, reader: ChunkReader | None = None
+           ) -> Store:
     if isinstance(images, np.ndarray) and not isinstance(images, np.memmap):
         images = torch.from_numpy(images)
     ids = split.ids  # a property that builds the whole list: once, not once per image
-    return Store(images, torch.from_numpy(split.labels[keep]), [ids[i] for i in keep])
+    return Store(images, torch.from_numpy(split.labels[keep]), [ids[i] for i in keep], reader)
 
 
 def _cache_hit(folder: Path, split: Split, skip_bad: bool) -> tuple[Store, list[str]] | None:
@@ -239,7 +249,7 @@ def _cache_hit(folder: Path, split: Split, skip_bad: bool) -> tuple[Store, list[
         meta = json.loads((folder / "meta.json").read_text())
         skipped_rows = [int(i) for i in meta["skipped_rows"]]
         reasons = list(meta["skipped_reasons"])
-        images = _load_pixels(folder)
+        images, reader = _load_pixels(folder)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):  # damaged or from an older medclf: decode afresh
@@ -252,7 +262,7 @@ def _cache_hit(folder: Path, split: Split, skip_bad: bool) -> tuple[Store, list[
         shutil.rmtree(folder, ignore_errors=True)
         return None
     disk_cache.mark_used(folder)
-    return _store(images, split, keep), _skipped_paths(split, dict.fromkeys(skipped_rows, ""))
+    return _store(images, split, keep, reader), _skipped_paths(split, dict.fromkeys(skipped_rows, ""))
 
 
 def _decode_and_cache(source: Source, split: Split, size: int, channels: int, skip_bad: bool, desc: str,
@@ -351,10 +361,14 @@ def _decode_files(paths: list[str], images: np.ndarray, skip_bad: bool, desc: st
             reasons[i] = str(exc)
 
     threads = min(8, (os.cpu_count() or 1) * 2)  # PIL releases the GIL while decoding
-    with _bombs_are_errors(), ThreadPoolExecutor(threads) as pool:
-        for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=f"decode {desc}",
-                      unit="img", leave=False, disable=len(paths) < 500):
-            pass
+    block = rows_per_block(images)  # a memory map is written block by block, each block's pages then released
+    with _bombs_are_errors(), ThreadPoolExecutor(threads) as pool, \
+            tqdm(total=len(paths), desc=f"decode {desc}", unit="img", leave=False, disable=len(paths) < 500) as bar:
+        for start in range(0, len(paths), block):
+            stop = min(len(paths), start + block)
+            for _ in pool.map(work, range(start, stop)):
+                bar.update()
+            release_pages(images, start, stop)
     keep = np.setdiff1d(np.arange(len(paths)), list(reasons))
     if skip_bad and not len(keep):
         raise MedclfError(f"every image in the {desc} split is unreadable")
@@ -380,19 +394,12 @@ def _finish_cache(tmp: Path, folder: Path, images: np.ndarray, reasons: dict[int
         shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same store first
 
 
-def _load_pixels(folder: Path) -> torch.Tensor | np.ndarray:
-    images = np.load(folder / "images.npy", mmap_mode="r")
-    if images.nbytes < _available_ram() / 2:
-        return torch.from_numpy(np.array(images))  # fits: read it into RAM once
-    return images
-
-
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
+def _load_pixels(folder: Path) -> tuple[torch.Tensor | np.ndarray, ChunkReader | None]:
+    """The cached pixels: read into RAM when they fit the budget for data, else left in the file with
+    a reader of its chunks."""
+    path = folder / "images.npy"
+    images = np.load(path, mmap_mode="r")  # the header only: nothing is read yet
+    budget = data_ram_budget()
+    if images.nbytes <= budget:
+        return torch.from_numpy(np.load(path)), None  # read straight into one array, no mapped copy
+    return images, ChunkReader.of(images, budget)
