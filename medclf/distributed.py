@@ -11,6 +11,7 @@ writes files; the others wait for it where they need what it wrote (`main_first`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import sys
@@ -80,14 +81,16 @@ def joined(device: torch.device) -> Iterator[World]:
     if not world.active:
         yield world
         return
-    backend = backend_for(device)
-    world = World(world.rank, world.size, world.local_rank, world.local_size, backend)
     if dist.is_initialized():  # joined by an outer run (or by the caller's own script): keep their group
-        yield world
+        yield dataclasses.replace(world, backend=dist.get_backend())
         return
+    world = dataclasses.replace(world, backend=backend_for(device))
     if device.type == "cuda":
+        if world.local_size > torch.cuda.device_count():
+            raise MedclfError(f"{world.local_size} processes on this machine need a GPU each; it has "
+                              f"{torch.cuda.device_count()} (start as many processes as GPUs, or --device cpu)")
         torch.cuda.set_device(world.local_rank)
-    dist.init_process_group(backend, timeout=WAIT_FOR_MAIN)
+    dist.init_process_group(world.backend, timeout=WAIT_FOR_MAIN)
     try:
         yield world
     finally:

@@ -201,3 +201,12 @@ def test_cross_validation_is_refused_with_many_processes():
         _check_world(TrainConfig(data="x", folds=5), two, None)
     _check_world(TrainConfig(data="x", folds=0), two, None)
     _check_world(TrainConfig(data="x", folds=5), World(), None)
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(MedclfError, match="2 processes on this machine need a GPU each; it has 1"):
+        with distributed.joined(torch.device("cuda")):
+            pass
