@@ -292,6 +292,9 @@ def _objective(setup: dict, folder: Path, minutes: float | None) -> Callable:
         if minutes is not None:
             settings["time_budget"] = minutes
             trial.set_user_attr("minutes", round(minutes, 3))
+        print(f"medclf tune: trial {trial.number}" + (" (the plan's default)" if trial.user_attrs.get("default") else "")
+              + (f", {minutes:.2f} min: the study's minutes left over its trials left" if minutes is not None else "")
+              + f" → {trial_dir}")
         try:
             result = training.train(settings, force=True, progress=setup["progress"], on_epoch=_pruning(trial))
         except optuna.TrialPruned as exc:
