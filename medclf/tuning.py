@@ -57,7 +57,7 @@ def tune(data: str, trials: int = 10, time_budget: float | None = None, storage:
     folder.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{folder.resolve() / DB_FILE}"
     name = study or DEFAULT_STUDY
-    optuna.logging.set_verbosity(optuna.logging.INFO if progress else optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's end is told by trial_result_line instead
     the_study = optuna.create_study(storage=open_storage(url, folder), study_name=name, direction="minimize",
                                     pruner=make_pruner(), load_if_exists=True)
     setup = _setup(the_study, str(data), trials, time_budget, fixed, progress)
@@ -65,6 +65,7 @@ def tune(data: str, trials: int = 10, time_budget: float | None = None, storage:
     try:
         _run_trials(the_study, setup, folder, trials, time_budget, progress)
     except KeyboardInterrupt:
+        _requeue_interrupted(the_study, setup, folder)
         raise KeyboardInterrupt(f"the study is saved in {url}: the same `medclf tune` command resumes it "
                                 "(the interrupted trial is run again)") from None
     from .reporting.tune_page import write_tune_page  # matplotlib: only once trials are done
@@ -75,6 +76,17 @@ def tune(data: str, trials: int = 10, time_budget: float | None = None, storage:
     write_tune_page(folder / "tune.html", the_study, summary, setup)
     print(tune_summary_line(summary, folder))
     return summary
+
+
+def _requeue_interrupted(study, setup: dict, folder: Path) -> None:
+    """Ctrl-C fails the running trial (Optuna's rule); its settings are queued so a re-run does them again."""
+    from optuna.trial import TrialState
+
+    if setup.get("current") is None:
+        return
+    trial = study.get_trials(deepcopy=False)[setup["current"]]
+    if trial.state == TrialState.FAIL and "error" not in trial.user_attrs:
+        requeue_trial(study, trial, folder, "interrupted (Ctrl-C)")
 
 
 def _check_request(trials: int, time_budget: float | None, fixed: dict) -> None:
@@ -126,21 +138,22 @@ def make_pruner():
 
 def _requeue_dead_trial(folder: Path) -> Callable:
     """Called on a trial whose process stopped sending heartbeats: queue its settings again, mark its folder."""
+    def requeue(study, trial) -> None:
+        requeue_trial(study, trial, folder, f"its process stopped mid-trial (no heartbeat for {GRACE_S} s)")
+    return requeue
+
+
+def requeue_trial(study, trial, folder: Path, why: str) -> None:
+    """Queue a failed trial's settings again (Optuna's retry callback: the new trial records which one it re-does)
+    and say so in the old trial's folder."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", _experimental_warning())
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
-
-    def requeue(study, trial) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", _experimental_warning())
-            retry(study, trial)
-        trial_dir = folder / trial.user_attrs.get("dir", "")
-        if trial.user_attrs.get("dir") and trial_dir.is_dir():
-            close_trial_dir(trial_dir, trial.number, "failed", f"its process stopped mid-trial (no heartbeat for "
-                                                               f"{GRACE_S} s); its settings were queued again")
-    return requeue
+        warnings.simplefilter("ignore", _experimental_warning())  # the retry callback is marked experimental
+        RetryHeartbeatStaleTrialCallback(max_retry=3)(study, trial)
+    trial_dir = folder / trial.user_attrs.get("dir", "")
+    if trial.user_attrs.get("dir") and trial_dir.is_dir():
+        close_trial_dir(trial_dir, trial.number, "failed", f"{why}; its settings were queued again")
 
 
 # --------------------------------------------------------------------------- the study's fixed facts
@@ -276,12 +289,28 @@ def _run_trials(study, setup: dict, folder: Path, trials: int, time_budget: floa
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", _experimental_warning())
             study.optimize(_objective(setup, folder, minutes), n_trials=1)
+        print(trial_result_line(study, setup["current"]))
+        if setup.get("fatal"):
+            raise MedclfError(f"the plan's default settings (trial {setup['current']}) do not train: {setup['fatal']}")
+
+
+def trial_result_line(study, number: int) -> str:
+    from optuna.trial import TrialState
+
+    trial = study.get_trials(deepcopy=False)[number]
+    if trial.state == TrialState.COMPLETE:
+        best = study.best_trial
+        return f"medclf tune: trial {number} scored {trial.value:.4f} (best so far: trial {best.number}, {best.value:.4f})"
+    if trial.state == TrialState.PRUNED:
+        return f"medclf tune: trial {number} pruned at epoch {trial.user_attrs.get('pruned_at_epoch', '?')}"
+    return f"medclf tune: trial {number} failed: {trial.user_attrs.get('error', 'see above')}"
 
 
 def _objective(setup: dict, folder: Path, minutes: float | None) -> Callable:
     def objective(trial) -> float:
         import optuna
 
+        setup["current"] = trial.number
         params = {name: _suggest(trial, name, dist) for name, dist in setup["space"].items()}
         trial_dir = folder / f"trial-{trial.number:03d}"
         trial.set_user_attr("dir", trial_dir.name)
@@ -302,10 +331,11 @@ def _objective(setup: dict, folder: Path, minutes: float | None) -> Callable:
             raise
         except MedclfError as exc:
             close_trial_dir(trial_dir, trial.number, "failed", str(exc))
-            if trial.user_attrs.get("default"):
-                raise  # the plan's own settings do not train: a problem with the data or the flags, not the search
-            trial.set_user_attr("error", str(exc))
-            return math.nan  # Optuna records the trial as failed; the search goes on
+            if trial.user_attrs.get("default"):  # a problem with the data or the flags, not with the search:
+                setup["fatal"] = str(exc)  # the study stops with that one line (a re-run does the default again)
+            else:
+                trial.set_user_attr("error", str(exc))  # these settings cannot train: a finished, failed trial
+            return math.nan  # Optuna records a failed trial (without a traceback: no exception left the trial)
         score, metrics = score_run(trial_dir, result, setup["folds"], setup["task"])
         for key, value in metrics.items():
             trial.set_user_attr(key, value)

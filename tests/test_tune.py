@@ -165,3 +165,49 @@ def test_a_resumed_study_refuses_other_data(split_folder, npz_file, tmp_path, ca
     assert main(["tune", str(npz_file), "--trials", "2", "--out", str(out), "--folds", "0", *FAST]) == 2
     assert "give another --study or --out" in capsys.readouterr().err
     assert yaml.safe_load((out / "best.yaml").read_text())["data"] == str(split_folder)
+
+
+def test_ctrl_c_fails_the_trial_and_queues_its_settings_again(split_folder, tmp_path, monkeypatch, capsys):
+    from conftest import interrupt_second_epoch
+
+    interrupt_second_epoch(monkeypatch)
+    out = tmp_path / "interrupted"
+    assert main(["tune", str(split_folder), "--trials", "2", "--out", str(out), "--folds", "0", "--epochs", "2",
+                 "--batch-size", "16", "--model", "resnet18", "--no-cache"]) == 130
+    assert "the same `medclf tune` command resumes it" in capsys.readouterr().err
+    interrupted, queued = trials_of(out)
+    assert interrupted.state == TrialState.FAIL and queued.state == TrialState.WAITING
+    assert queued.params == interrupted.params and queued.user_attrs["default"]
+    assert trial_state(out, 0)["state"] == "failed" and not list((out / "trial-000").rglob("*.pt"))
+
+
+def _failing_trial(monkeypatch, number: int) -> None:
+    """Trial `number` fails the way diverged settings do (MedclfError from training); the others train."""
+    real = training.train
+
+    def train(settings, **kwargs):
+        if settings["out"].endswith(f"trial-{number:03d}"):
+            raise tuning.MedclfError("training produced no usable checkpoint: the model diverged")
+        return real(settings, **kwargs)
+
+    monkeypatch.setattr(tuning.training, "train", train)
+
+
+def test_settings_that_cannot_train_fail_their_trial_and_the_search_goes_on(split_folder, tmp_path, monkeypatch):
+    _failing_trial(monkeypatch, 1)
+    out = tmp_path / "diverged"
+    result = tuning.tune(str(split_folder), trials=2, out=str(out), folds=0, epochs=1, batch_size=16,
+                         model="resnet18", cache=False, progress=False)
+    states = [t.state for t in trials_of(out)]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL] and result["trials"] == 2  # the failure counts
+    assert "diverged" in trials_of(out)[1].user_attrs["error"] and result["best"]["trial"] == 0
+    assert "diverged" in (out / "tune.html").read_text()
+
+
+def test_a_default_that_cannot_train_is_one_line_and_exit_2(split_folder, tmp_path, monkeypatch, capsys):
+    _failing_trial(monkeypatch, 0)
+    out = tmp_path / "broken"
+    assert main(["tune", str(split_folder), "--trials", "3", "--out", str(out), "--folds", "0", *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "default settings (trial 0) do not train" in err[0] and "diverged" in err[0]
+    assert [t.state for t in trials_of(out)] == [TrialState.FAIL]
