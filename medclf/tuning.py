@@ -253,12 +253,13 @@ def finished(trial) -> bool:
 
 
 def trial_minutes(all_trials: list, trials: int, time_budget: float | None) -> float | None:
-    """Each trial's training budget: the study's minutes not yet spent over the trials still to run (the minutes
-    every ended trial took count as spent, across re-runs and processes)."""
+    """Each trial's training budget: the study's minutes not yet spent over the trials still to run. Spent: the
+    wall time of every finished trial, across re-runs and processes; a trial lost with its process (killed,
+    Ctrl-C) does not count, as its end is only noticed later and its settings run again."""
     if time_budget is None:
         return None
     spent = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in all_trials
-                if t.datetime_start is not None and t.datetime_complete is not None) / 60
+                if finished(t) and t.datetime_start is not None and t.datetime_complete is not None) / 60
     left = trials - sum(finished(t) for t in all_trials)
     return (time_budget - spent) / max(1, left)
 

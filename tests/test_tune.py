@@ -17,6 +17,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from htmlcheck import assert_self_contained, parse
 from medclf import training, tuning
 from medclf.cli import main
 from medclf.config import load_yaml
@@ -48,7 +49,8 @@ def test_study_writes_trials_resumes_with_one_more_and_best_yaml_reruns(split_fo
     assert default.user_attrs["default"] and default.params["lr"] == pytest.approx(1e-3 * (16 / 64) ** 0.5)
     assert default.params["label_smoothing"] == 0.1 and default.params["weight_decay"] == 1e-4
     page = (out / "tune.html").read_text()
-    assert "data:image/png;base64," in page and "Parameter importances" in page and "src=\"http" not in page
+    assert_self_contained(page)
+    assert len(parse(page).images) == 2  # the optimisation history and the parameter importances
     before = {n: (out / f"trial-{n:03d}" / tuning.TRIAL_FILE).stat().st_mtime_ns for n in range(3)}
 
     assert main(["tune", str(split_folder), "--trials", "4", "--out", str(out), "--folds", "0", *FAST]) == 0
@@ -133,8 +135,10 @@ def test_each_trial_gets_the_minutes_left_over_the_trials_left():
     ended = [SimpleNamespace(state=TrialState.COMPLETE, user_attrs={}, datetime_start=start,
                              datetime_complete=start + timedelta(minutes=m)) for m in (3, 5)]
     killed = SimpleNamespace(state=TrialState.FAIL, user_attrs={}, datetime_start=start,
-                             datetime_complete=start + timedelta(minutes=2))  # re-done: spent, but not finished
-    assert tuning.trial_minutes(ended + [killed], 4, 20.0) == pytest.approx((20 - 10) / 2)
+                             datetime_complete=start + timedelta(minutes=9))  # noticed late, re-done: not counted
+    diverged = SimpleNamespace(state=TrialState.FAIL, user_attrs={"error": "diverged"}, datetime_start=start,
+                               datetime_complete=start + timedelta(minutes=1))  # finished: counted
+    assert tuning.trial_minutes(ended + [killed, diverged], 5, 20.0) == pytest.approx((20 - 9) / 2)
     assert tuning.trial_minutes(ended, 4, None) is None
 
 
