@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from matplotlib.ticker import MaxNLocator
+
 from . import html
 from .figures import new_figure
 
@@ -70,6 +72,7 @@ def _history(all_trials: list) -> str:
     if pruned:
         ax.plot(*zip(*pruned), "x", color="gray", label="pruned (last reported loss)")
     ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation loss (lower is better)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -100,7 +103,10 @@ def _importances(study, complete: list, setup: dict) -> str:
 
 
 def _trial_table(all_trials: list, setup: dict) -> str:
+    from optuna.trial import TrialState
+
     names = list(setup["space"])
+    redone_as = {t.system_attrs["failed_trial"]: t.number for t in all_trials if "failed_trial" in t.system_attrs}
     rows = []
     for t in all_trials:
         notes = []
@@ -108,17 +114,20 @@ def _trial_table(all_trials: list, setup: dict) -> str:
             notes.append("plan's default")
         if "failed_trial" in t.system_attrs:
             notes.append(f"re-run of trial {t.system_attrs['failed_trial']}")
+        if t.number in redone_as:
+            notes.append(f"ended without a result (process lost or interrupted); run again as trial {redone_as[t.number]}")
         if "pruned_at_epoch" in t.user_attrs:
             notes.append(f"pruned at epoch {t.user_attrs['pruned_at_epoch']}")
         if "error" in t.user_attrs:
             notes.append(html.esc(t.user_attrs["error"]))
         seconds = ((t.datetime_complete - t.datetime_start).total_seconds()
                    if t.datetime_start is not None and t.datetime_complete is not None else math.nan)
-        folder = t.user_attrs.get("dir")
+        started = t.state != TrialState.WAITING  # a queued re-run carries the attributes of the trial it re-does
+        folder = t.user_attrs.get("dir") if started else None
         link = f'<a href="{html.esc(folder)}/">{html.esc(folder)}</a>' if folder else "—"
         rows.append([str(t.number), t.state.name.lower(), html.num(t.value, digits=4),
                      html.num(t.user_attrs.get("accuracy")), html.num(t.user_attrs.get("auc")),
-                     html.fmt(t.user_attrs.get("minutes"), 2), html.fmt(seconds / 60, 2)]
+                     html.fmt(t.user_attrs.get("minutes") if started else None, 2), html.fmt(seconds / 60, 2)]
                     + [html.esc(_shown(t.params.get(n))) for n in names] + [link, "; ".join(notes)])
     header = ["trial", "state", "score", "accuracy", "AUC", "budget min", "took min"] + names + ["folder", "note"]
     return html.table(header, rows)
