@@ -170,15 +170,16 @@ def _setup(study, data: str, trials: int, time_budget: float | None, fixed: dict
                              device=fixed.get("device", "auto"), seed=fixed.get("seed", 0), do_probe=not resumed,
                              verbose=progress and not resumed, **{k: v for k, v in plan_fixed.items() if k != "weights"})
     fp = the_plan["fingerprint"]
+    data_key = str(Path(fp["data"]).resolve()) if Path(fp["data"]).exists() else fp["data"]  # the same from any folder
     if resumed:
-        _check_same_study(study, fp["data"], fixed)
+        _check_same_study(study, data_key, fixed)
     side = int(round(fp["short_side"]["median"])) if fp.get("short_side") else 224
     stems = planning.candidate_stems(side)
     space = search_space(stems, fixed, the_plan["settings"]["model"])
     default = {name: _default_value(name, the_plan["settings"]) for name in space}
     folds = int(attrs["folds"]) if resumed else int(the_plan["settings"]["folds"])
     if not resumed:
-        study.set_user_attr("data", fp["data"])
+        study.set_user_attr("data", data_key)
         study.set_user_attr("fixed", _plain(fixed))
         study.set_user_attr("folds", folds)
         study.set_user_attr("default_params", default)
