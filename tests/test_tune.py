@@ -215,3 +215,10 @@ def test_a_default_that_cannot_train_is_one_line_and_exit_2(split_folder, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "default settings (trial 0) do not train" in err[0] and "diverged" in err[0]
     assert [t.state for t in trials_of(out)] == [TrialState.FAIL]
+
+
+def test_import_medclf_does_not_import_optuna():
+    code = "import sys, medclf; print(','.join(m for m in ('optuna', 'sqlalchemy') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.stdout.strip() == ""
