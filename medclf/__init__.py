@@ -9,6 +9,7 @@ from .exporting import export
 from .planning import plan
 from .reporting.run_report import report
 from .training import train
+from .tuning import tune
 
 __version__ = "0.1.0"
-__all__ = ["train", "plan", "doctor", "evaluate", "predict", "compare", "report", "explain", "export", "TrainConfig", "MedclfError", "__version__"]
+__all__ = ["train", "tune", "plan", "doctor", "evaluate", "predict", "compare", "report", "explain", "export", "TrainConfig", "MedclfError", "__version__"]

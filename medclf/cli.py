@@ -120,6 +120,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine (DistributedDataParallel "
                    "through torchrun's launcher; one per GPU on CUDA); see README for torchrun across machines")
 
+    p = sub.add_parser("tune", conflict_handler="resolve",
+                       help="search training settings for DATA with Optuna; each trial an ordinary run under OUT")
+    p.add_argument("data", help="folder, .csv/.tsv label file, .npz, or dataset name (see `medclf datasets`)")
+    add_train_flags(p)  # a flag given is fixed in every trial and leaves the search
+    p.add_argument("--trials", type=int, default=10, help="trials the study holds when done (default 10); "
+                   "re-running with a larger N adds trials")
+    p.add_argument("--time-budget", type=float, metavar="MIN", help="minutes for the whole study; each trial gets "
+                   "the minutes left over the trials left (default: the plan's budget per trial)")
+    p.add_argument("--storage", metavar="URL", help="the study's database (default sqlite:///OUT/tune.db); "
+                   "several processes or machines may share one")
+    p.add_argument("--study", metavar="NAME", help="the study's name in the database (default medclf)")
+    p.add_argument("--out", help="folder for trial-NNN/, tune.db, best.yaml, tune.html (default runs/tune-<data>)")
+
     p = sub.add_parser("plan", help="fingerprint DATA and plan its training (size, stem, epochs for the time budget, ...)")
     p.add_argument("data", help="folder, .csv/.tsv label file, .npz, or dataset name (see `medclf datasets`)")
     p.add_argument("--time-budget", type=float, metavar="MIN", help="training minutes to plan for (default 10)")
@@ -223,6 +236,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                 preflight(args.config, resume=args.resume, **flags)
                 return distributed.launch(sys.argv[1:] if argv is None else argv, args.nproc)
         medclf.train(args.config, force=args.force, resume=args.resume, **flags)
+    elif args.command == "tune":
+        study_flags = ("command", "data", "trials", "time_budget", "storage", "study", "out")
+        fixed = {k: v for k, v in vars(args).items() if k not in study_flags and v is not None}
+        medclf.tune(args.data, trials=args.trials, time_budget=args.time_budget, storage=args.storage, out=args.out,
+                    study=args.study, **fixed)
     elif args.command == "plan":
         medclf.plan(args.data, time_budget=args.time_budget, out=None if args.out == "-" else args.out,
                     weights=args.weights or "none", device=args.device, seed=args.seed, do_probe=args.probe,

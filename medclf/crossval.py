@@ -106,8 +106,8 @@ def train_folds(cfg: TrainConfig, source, stores: dict[str, Store], spec: dict, 
         fold_cfg = dataclasses.replace(per_model, seed=(cfg.seed + f) % 2**32)
         if not (fold_dir / FOLD_DONE).is_file():
             fold_dir.mkdir(exist_ok=True)
-            fit(fold_cfg, spec, base, train_part, held_part, fold_dir, env, read_fold_state(fold_dir), resolved,
-                desc=f"fold {f + 1}/{k} ", resume_dir=out)
+            fit(fold_cfg, spec, base, train_part, held_part, fold_dir, with_fold(env, f + 1), read_fold_state(fold_dir),
+                resolved, desc=f"fold {f + 1}/{k} ", resume_dir=out)
         if not (fold_dir / "model.pt").is_file():
             raise MedclfError(f"fold {f + 1} produced no usable checkpoint in {fold_dir}: its validation loss was not "
                               f"finite in any epoch (the model diverged); try a lower --lr")
@@ -132,8 +132,8 @@ def train_folds(cfg: TrainConfig, source, stores: dict[str, Store], spec: dict, 
         refit_dir.mkdir(exist_ok=True)
         if not (refit_dir / FOLD_DONE).is_file():
             print(f"medclf: refit on all {len(everything)} train+val images for {epochs} epoch(s)")
-            fit(refit_cfg, spec, base, everything, None, refit_dir, env, read_fold_state(refit_dir), resolved,
-                desc="refit ", resume_dir=out)
+            fit(refit_cfg, spec, base, everything, None, refit_dir, with_fold(env, "refit"), read_fold_state(refit_dir),
+                resolved, desc="refit ", resume_dir=out)
             atomic.write_text(refit_dir / FOLD_DONE, json.dumps({"epochs": epochs, "images": len(everything)}))
         final = models.read_checkpoint(refit_dir / "model.pt")
         final.update(extra)
@@ -165,6 +165,14 @@ def train_folds(cfg: TrainConfig, source, stores: dict[str, Store], spec: dict, 
 
     run_report.write_run_outputs(out, results, curves, spec["classes"], shown_stores, str(env["device"]))
     return {"out": str(out), "metrics": results, "history": [row for h in histories for row in h]}
+
+
+def with_fold(env: dict, fold: int | str) -> dict:
+    """The training environment whose per-epoch hook (training.train's on_epoch) is told the fold of each epoch."""
+    hook = env.get("on_epoch")
+    if hook is None:
+        return env
+    return {**env, "on_epoch": lambda epoch, row: hook(epoch, {**row, "fold": fold})}
 
 
 def _read_history(path: Path) -> list[dict]:

@@ -225,6 +225,12 @@ def _scratch_candidates(side: int) -> list[tuple[str, int, str]]:
             for s in (224, 160, 128, 96, 64) if s <= max(side, 64)]
 
 
+def candidate_stems(side: int) -> dict[int, str]:
+    """The input sizes the plan weighs for training from scratch on images of this side, each with its stem
+    (`medclf tune` searches among them)."""
+    return {size: stem for stem, size, _ in _scratch_candidates(min(side, 512))}
+
+
 def _cost(stem: str, size: int) -> float:
     """Relative compute per image: pixels reaching layer1 (the stride-4 ImageNet stem divides each side by 4)."""
     return float(size * size if stem == "small" else (size / 4) ** 2)

@@ -23,7 +23,8 @@ MARKER = "config.yaml"
 RUN_FILES = frozenset({
     MARKER, "plan.yaml", "fingerprint.json", "splits.csv", "skipped.txt", "history.csv", "model.pt", "last.pt",
     "last.pt.tmp", "metrics.json", "curves.png", "confusion_matrix.png", "roc.png", "report.html", "oof.csv",
-    "doctor.json", "model_card.md"})
+    "doctor.json", "model_card.md",
+    "trial.json"})  # a `medclf tune` trial's state (medclf/tuning.py)
 RUN_FOLDERS = re.compile(r"fold-\d+|refit")  # cross-validation's sub-runs (medclf/crossval.py): run files only
 
 

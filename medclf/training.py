@@ -8,7 +8,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -220,12 +220,15 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 
 def train(config: TrainConfig | dict | None = None, *, force: bool = False, resume: str | None = None,
-          progress: bool = True, **overrides: Any) -> dict:
-    """Train a classifier; returns {"out", "metrics", "history"}. Same as `medclf train`."""
+          progress: bool = True, on_epoch: Callable[[int, dict], None] | None = None, **overrides: Any) -> dict:
+    """Train a classifier; returns {"out", "metrics", "history"}. Same as `medclf train`.
+
+    `on_epoch(epoch, row)`: called after each epoch's files are written, with its history row (cross-validation
+    adds "fold"); an exception it raises ends training there (e.g. `medclf tune` pruning a trial)."""
     cfg, state, explicit = _resolve_config(config, resume, overrides)
     with distributed.joined(runtime.pick_device(cfg.device)) as world, distributed.quiet_unless_main(world), \
             _disk_full_is_one_line(resume or cfg.out or "runs"):
-        return _train(cfg, state, explicit, force, resume, progress and world.is_main, world)
+        return _train(cfg, state, explicit, force, resume, progress and world.is_main, world, on_epoch)
 
 
 def preflight(config: TrainConfig | dict | str | None = None, *, resume: str | None = None, **overrides: Any) -> None:
@@ -246,7 +249,8 @@ def _disk_full_is_one_line(where: str):
 
 
 def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool, resume: str | None,
-           progress: bool, world: distributed.World = distributed.SOLO) -> dict:
+           progress: bool, world: distributed.World = distributed.SOLO,
+           on_epoch: Callable[[int, dict], None] | None = None) -> dict:
     base = models.read_base(cfg.weights) if cfg.weights not in ("none", "imagenet") else None
     source, the_plan = None, None
     if cfg.plan and not resume and not set(PLANNED) <= explicit:
@@ -289,7 +293,7 @@ def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool
                 "model": spec["arch"], "balance": balance, "device": str(device), "precision": precision,
                 "channels_last": channels_last}
     env = {"device": device, "precision": precision, "channels_last": channels_last, "progress": progress,
-           "balance": balance, "world": world}
+           "balance": balance, "world": world, "on_epoch": on_epoch}
     # train and val are read every epoch; cross-validation also holds them pooled and one fold's two parts
     stores, placement = place_stores(stores, ("train", "val"), device, copies=3 if cfg.folds >= 2 else 1)
     if device.type == "cuda":
@@ -422,6 +426,8 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
                            {"history": history, "best": best, "epoch": epoch + 1, "generator": gen.get_state(),
                             "elapsed": time.perf_counter() - started, "stop_reason": stop_reason, "finished": done})
                 write_history(out / "history.csv", history)
+            if env.get("on_epoch") is not None:  # after the epoch's files: what it stops leaves a consistent run
+                env["on_epoch"](epoch + 1, dict(row))
             epochs.set_postfix(loss=f"{train_loss:.4f}", **{f"val_{cfg.monitor}": f"{row.get(f'val_{cfg.monitor}', 0) or 0:.4f}"})
             if done or distributed.main_value(world, deadline is not None and time.perf_counter() > deadline):
                 break
