@@ -113,10 +113,11 @@ def medclf_arm(images: Path, loaded):
 def graph_arm(images: Path, ckpt: dict, model_file: Path, engine: str):
     """medclf predict's graph engine (`onnx` or `openvino`) on one exported file, fp32 or int8."""
     from medclf.exporting import onnx_runner, openvino_runner
-    from medclf.inference import GraphModel
+    from medclf.inference import GRAPH_BATCH, GraphModel
 
     runner = (openvino_runner if engine == "openvino" else onnx_runner)(model_file)
-    return medclf_arm(images, GraphModel(runner, ckpt, engine, "int8" if "int8" in model_file.name else "fp32"))
+    precision = "int8" if "int8" in model_file.name else "fp32"
+    return medclf_arm(images, GraphModel(runner, ckpt, engine, precision, GRAPH_BATCH[engine]))
 
 
 def run_engines(args) -> dict:

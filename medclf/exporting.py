@@ -202,19 +202,33 @@ def onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return lambda images: session.run(None, {"image": images})[0]
 
 
+OPENVINO_CHUNK = 8  # images per OpenVINO request: small requests keep every stream (one per core) busy
+
+
 def openvino_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """OpenVINO on one ONNX file: uint8 batch → probabilities. fp32 graphs run in fp32 (OpenVINO would otherwise
-    pick bf16 on CPUs that have it, and the answers would differ from the run's); a quantized graph runs its int8
-    convolutions as quantized."""
+    """OpenVINO on one ONNX file: uint8 batch → probabilities. It runs in throughput mode: one stream per core,
+    each batch split into OPENVINO_CHUNK-image requests that the streams take in parallel (faster on a CPU
+    than one request using every core). fp32 graphs run in fp32 (OpenVINO would otherwise pick bf16 on CPUs
+    that have it, and the answers would differ from the run's); a quantized graph runs its int8 convolutions."""
     try:
         import openvino as ov
     except ImportError:
         raise MedclfError("--engine openvino needs OpenVINO: pip install openvino (or use --engine onnx)") from None
-    compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY",
+    compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT",
                                                           "INFERENCE_PRECISION_HINT": "f32",
-                                                          "INFERENCE_NUM_THREADS": cpu_threads()})
-    request = compiled.create_infer_request()
-    return lambda images: request.infer({0: images})[0].copy()
+                                                          "NUM_STREAMS": cpu_threads()})
+    queue = ov.AsyncInferQueue(compiled, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    results: dict[int, np.ndarray] = {}
+    queue.set_callback(lambda request, i: results.__setitem__(i, request.get_output_tensor(0).data.copy()))
+
+    def run(images: np.ndarray) -> np.ndarray:
+        results.clear()
+        starts = range(0, len(images), OPENVINO_CHUNK)
+        for i, start in enumerate(starts):
+            queue.start_async({0: images[start:start + OPENVINO_CHUNK]}, i)
+        queue.wait_all()
+        return np.concatenate([results[i] for i in range(len(starts))])
+    return run
 
 
 def graph_runner(ckpt: dict[str, Any], model_path: Path, engine: str, int8: bool = False
