@@ -242,6 +242,18 @@ def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray, classes: list[st
 
 
 
+def headline_ci(name: str, func: Metric, labels: np.ndarray, probs: np.ndarray, n_boot: int = 1000,
+                seed: int = 0) -> tuple[float, float]:
+    """The 95% CI every page and file reports for a headline metric: for single-label accuracy (a proportion
+    of images) the Wilson interval, else the percentile bootstrap over images."""
+    from .stats import proportion_ci
+
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    if name == "accuracy" and labels.ndim == 1:
+        return proportion_ci(int((probs.argmax(1) == labels).sum()), len(labels))
+    return bootstrap_ci(func, labels, probs, n_boot=n_boot, seed=seed)
+
+
 def estimate(labels: np.ndarray, probs: np.ndarray, classes: list[str], method: str, n_boot: int = 1000,
              seed: int = 0, cis: dict | None = None) -> dict:
     """What to expect on new images from the same source: each headline metric with its 95% percentile
@@ -259,7 +271,7 @@ def estimate(labels: np.ndarray, probs: np.ndarray, classes: list[str], method: 
     for name in names:
         value = funcs[name](labels, probs)
         if cis is None:
-            ci = bootstrap_ci(funcs[name], labels, probs, n_boot=n_boot, seed=seed)
+            ci = headline_ci(name, funcs[name], labels, probs, n_boot=n_boot, seed=seed)
         else:
             ci = tuple(cis[name]) if cis[name] is not None else (float("nan"), float("nan"))
         defined = np.isfinite(value) and all(np.isfinite(ci))

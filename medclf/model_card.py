@@ -39,16 +39,16 @@ SETTINGS = ("model", "weights", "finetune", "size", "channels", "stem", "epochs"
 def headline_intervals(labels: np.ndarray, probs: np.ndarray, classes: list[str], thresholds=None,
                        n_boot: int = 1000, seed: int = 0) -> dict:
     """{"ci95": {metric: [low, high] or None}, "ece": top-label calibration error} for one split's predictions:
-    the percentile bootstrap report.html uses, stored in metrics.json so the model card can quote it.
+    the intervals report.html uses (`metrics.headline_ci`), stored in metrics.json so the model card can quote it.
     Multi-label labels (N×L): the MULTILABEL_HEADLINE metrics at the per-label `thresholds`; no ECE."""
-    from .metrics import metric_functions, multilabel_functions
-    from .stats import bootstrap_ci, expected_calibration_error
+    from .metrics import headline_ci, metric_functions, multilabel_functions
+    from .stats import expected_calibration_error
 
     multilabel = np.ndim(labels) == 2
     funcs = multilabel_functions(classes, thresholds) if multilabel else metric_functions(classes)
     cis = {}
     for name in (MULTILABEL_HEADLINE if multilabel else HEADLINE):
-        low, high = bootstrap_ci(funcs[name], labels, probs, n_boot=n_boot, seed=seed)
+        low, high = headline_ci(name, funcs[name], labels, probs, n_boot=n_boot, seed=seed)
         cis[name] = [low, high] if np.isfinite(low) and np.isfinite(high) else None
     ece = expected_calibration_error(labels, probs) if len(labels) and not multilabel else None
     return {"ci95": cis, "ece": ece}

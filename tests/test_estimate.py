@@ -40,12 +40,16 @@ def test_estimate_values_equal_scikit_learn_and_cis_contain_them(k):
         assert hi - lo < 0.25, name  # 300 images: a real interval, not [0, 1]
 
 
-def test_estimate_cis_are_the_bootstrap_of_stats():
+def test_estimate_cis_are_the_bootstrap_of_stats_and_wilson_for_accuracy():
+    from scipy.stats import binomtest
+
     y, p = _predictions(120, 2)
     est = M.estimate(y, p, ["a", "b"], M.METHOD_VAL, n_boot=200, seed=7)
     for name, f in M.metric_functions(["a", "b"]).items():
-        if name in HEADLINE_KEYS:
+        if name in HEADLINE_KEYS - {"accuracy"}:
             assert est[name]["ci95"] == list(bootstrap_ci(f, y, p, n_boot=200, seed=7)), name
+    wilson = binomtest(int((p.argmax(1) == y).sum()), len(y)).proportion_ci(0.95, method="wilson")
+    assert est["accuracy"]["ci95"] == pytest.approx([wilson.low, wilson.high])
 
 
 def test_optimistic_and_small_estimates_warn():
@@ -118,3 +122,21 @@ def test_estimate_from_the_splits_ci95_equals_bootstrapping_again(multilabel):
     classes = ["a", "b", "c"][: p.shape[1]]
     cis = headline_intervals(y, p, classes, choose_threshold(y, p))["ci95"]
     assert estimate(y, p, classes, METHOD_VAL, cis=cis) == estimate(y, p, classes, METHOD_VAL)
+
+
+def test_accuracy_ci_stays_honest_when_the_split_has_no_errors():
+    """A perfect split: every bootstrap resample is perfect too (a zero-width interval that no test set can fall
+    in), while the Wilson interval keeps the error rate that n images cannot rule out."""
+    from scipy.stats import binomtest
+
+    n = 5895  # MedNIST's validation split
+    labels = np.arange(n) % 6
+    probs = np.eye(6)[labels] * 0.9 + 0.1 / 6
+    est = M.estimate(labels, probs, [str(i) for i in range(6)], M.METHOD_VAL, n_boot=200)
+    low, high = est["accuracy"]["ci95"]
+    expected = binomtest(n, n).proportion_ci(0.95, method="wilson")
+    assert est["accuracy"]["value"] == 1.0 and high == pytest.approx(1.0)
+    assert low == pytest.approx(expected.low) and 1 - 4.0 / n < low < 1 - 3.5 / n
+    one_wrong = probs.copy()
+    one_wrong[0] = np.roll(one_wrong[0], 1)
+    assert M.headline_ci("accuracy", M.accuracy, labels, one_wrong)[0] < low  # an error widens it

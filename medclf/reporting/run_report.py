@@ -219,11 +219,11 @@ def method_words(method: str) -> str:
 
 
 def _cis(e: dict, classes: list[str], n_boot: int) -> dict:
-    """Bootstrap CIs of the headline metrics (cached per split)."""
+    """95% CIs of the headline metrics (cached per split; see metrics.headline_ci)."""
     if "cis" not in e:
         y, p = e["labels"], e["probs"]
         funcs = metrics.metric_functions(classes)
-        e["cis"] = {m: bootstrap_ci(funcs[m], y, p, n_boot=n_boot) for m in HEADLINE}
+        e["cis"] = {m: metrics.headline_ci(m, funcs[m], y, p, n_boot=n_boot) for m in HEADLINE}
     return e["cis"]
 
 
