@@ -87,3 +87,17 @@ def test_rotation_adds_no_black_corners():
     x = torch.full((8, 1, 28, 28), 200, dtype=torch.uint8)
     out = prepare_batch(x, 64, [0.0], [1.0], 1, AugmentPreset(rotate=30.0), torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, torch.full_like(out, 200 / 255))
+
+
+def test_center_crop_shares_one_grid_and_equals_a_grid_per_image():
+    """center_crop computes its sampling grid once for the batch (the exported graph then does too); the pixels
+    are exactly those of torch's own per-image grids."""
+    import torch.nn.functional as F
+
+    from medclf.data.augment import center_crop
+
+    x = torch.rand(5, 1, 60, 60, generator=torch.Generator().manual_seed(0))
+    theta = torch.tensor([[0.875, 0.0, 0.0], [0.0, 0.875, 0.0]]).expand(5, 2, 3)
+    grid = F.affine_grid(theta, [5, 1, 32, 32], align_corners=False)
+    expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    assert torch.equal(center_crop(x, 32, 0.875), expected)
