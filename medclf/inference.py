@@ -51,7 +51,7 @@ class GraphModel:
     ckpt: dict[str, Any]
     engine: str
     precision: str
-    batch: int = 64  # images handed to `run` at once
+    batch: int  # images handed to `run` at once (GRAPH_BATCH of the engine)
 
     def predict(self, store: Store, tta: bool = False, desc: str | None = None) -> np.ndarray:
         """Class probabilities (N×K float32), as `predict_store` gives them for the same checkpoint."""

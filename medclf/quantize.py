@@ -12,7 +12,7 @@ import csv
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -86,16 +86,13 @@ def calibration_batch(train: Store, splits_csv: Path, count: int, seed: int) -> 
 
 def validation_report(fp32_path: Path, int8_path: Path, val: Store, classes: list[str], calibrated_on: int,
                       tolerance: dict[str, float]) -> dict[str, Any]:
-    import onnxruntime as ort
-
-    from .exporting import session_options
+    from .exporting import onnx_runner
 
     images, labels = val.images if isinstance(val.images, np.ndarray) else val.images.numpy(), val.labels.numpy()
     result: dict[str, Any] = {"calibration_images": calibrated_on, "calibrated_on": "training split",
                               "validation_images": int(len(labels)), "tolerance": tolerance}
     for name, path in (("fp32", fp32_path), ("int8", int8_path)):
-        session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
-        probs, seconds = timed_probabilities(session, images)
+        probs, seconds = timed_probabilities(onnx_runner(path), images)
         metrics = classification_metrics(labels, probs, classes)
         result[name] = {"accuracy": metrics["accuracy"], "auc": metrics["auc"], "images_per_s": len(images) / seconds}
     result["change"] = {key: _difference(result["int8"][key], result["fp32"][key]) for key in ("accuracy", "auc")}
@@ -106,11 +103,12 @@ def validation_report(fp32_path: Path, int8_path: Path, val: Store, classes: lis
     return result
 
 
-def timed_probabilities(session: Any, images: np.ndarray) -> tuple[np.ndarray, float]:
-    """Probabilities for all images and the seconds they took (after one warm-up batch)."""
-    session.run(None, {"image": images[:TIMING_BATCH]})
+def timed_probabilities(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> tuple[np.ndarray, float]:
+    """Probabilities for all images by `run` (uint8 batch → probabilities) and the seconds they took (after one
+    warm-up batch)."""
+    run(images[:TIMING_BATCH])
     start = time.perf_counter()
-    probs = [session.run(None, {"image": images[i:i + TIMING_BATCH]})[0] for i in range(0, len(images), TIMING_BATCH)]
+    probs = [run(images[i:i + TIMING_BATCH]) for i in range(0, len(images), TIMING_BATCH)]
     return np.concatenate(probs), time.perf_counter() - start
 
 
