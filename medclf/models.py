@@ -21,6 +21,7 @@ import torchvision
 from torch import nn
 
 from .config import RANGES, check_setting
+from .cpu_conv import use_small_map_convs
 from .errors import MedclfError
 
 FORMAT = "medclf-model/1"
@@ -65,7 +66,7 @@ def build_model(name: str, num_classes: int, in_chans: int = 3, stem: str = "ima
     # in variance, and BatchNorm's running variance (initialised to 1, momentum 0.1) then stays far off
     # for hundreds of steps, so eval-mode predictions collapse to one class in short runs.
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_in", nonlinearity="relu")
-    return model
+    return use_small_map_convs(model)
 
 
 class Ensemble(nn.Module):

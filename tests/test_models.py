@@ -153,3 +153,59 @@ def test_damaged_file_is_one_line(tmp_path_factory, cuts, byte, keep):
     with pytest.raises(MedclfError) as error:
         models.read_checkpoint(path)  # never a complete model: the file lacks most of the schema
     assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("name", list(models.REGISTRY))
+@pytest.mark.parametrize("size,channels_last", [(32, False), (32, True), (64, True)])
+def test_small_map_convs_give_the_plain_gradients(name, size, channels_last):
+    """ResNets at 32-64 px end on 1x1-2x2 maps, where SmallMapConv2d computes the weight gradient by one GEMM:
+    the same gradients (fp32 summation order aside) as torchvision's plain Conv2d, on every parameter."""
+    from medclf.cpu_conv import SmallMapConv2d, _SmallMapConv
+
+    torch.manual_seed(0)
+    fast = models.build_model(name, num_classes=3, in_chans=1, stem="imagenet")
+    plain = models.build_model(name, num_classes=3, in_chans=1, stem="imagenet")
+    for module in plain.modules():  # back to torch's own convolution everywhere
+        if isinstance(module, SmallMapConv2d):
+            module.__class__ = torch.nn.Conv2d
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(6, 1, size, size)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    calls = []
+    original = _SmallMapConv.forward
+    try:
+        _SmallMapConv.forward = staticmethod(lambda ctx, *a: calls.append(a[1].shape) or original(ctx, *a))
+        for model in (fast, plain):
+            model.to(memory_format=fmt).train()
+            model(x.contiguous(memory_format=fmt)).logsumexp(1).sum().backward()
+    finally:
+        _SmallMapConv.forward = staticmethod(original)
+    assert calls, "no convolution took the small-map path"
+    assert all(shape[-1] in (1, 3) for shape in calls)
+    grads = dict(plain.named_parameters())
+    for key, p in fast.named_parameters():
+        ref = grads[key].grad
+        assert torch.allclose(p.grad, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item()), key
+    assert models.build_model(name, 3, 1).state_dict().keys() == plain.state_dict().keys()
+
+
+def test_small_map_path_only_while_training_fp32_on_cpu():
+    from medclf.cpu_conv import SmallMapConv2d, _SmallMapConv
+
+    conv = SmallMapConv2d(8, 8, 3, padding=1, bias=False)
+    calls = []
+    original = _SmallMapConv.apply
+    try:
+        _SmallMapConv.apply = lambda *a: calls.append(1) or original(*a)
+        x = torch.randn(2, 8, 2, 2)
+        conv.eval()(x)
+        with torch.no_grad():
+            conv.train()(x)
+        conv.train()(torch.randn(2, 8, 4, 4))  # 16 output positions: oneDNN's own is faster there
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            conv.train()(x)
+        assert calls == []
+        conv.train()(x)
+        assert calls == [1]
+    finally:
+        _SmallMapConv.apply = original
