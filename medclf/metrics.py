@@ -245,13 +245,46 @@ def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray, classes: list[st
 def headline_ci(name: str, func: Metric, labels: np.ndarray, probs: np.ndarray, n_boot: int = 1000,
                 seed: int = 0) -> tuple[float, float]:
     """The 95% CI every page and file reports for a headline metric: for single-label accuracy (a proportion
-    of images) the Wilson interval, else the percentile bootstrap over images."""
+    of images) the Wilson interval; balanced accuracy, macro F1 and AUC on a split they find perfect, the bound of
+    `perfect_split_ci`; else the percentile bootstrap over images."""
     from .stats import proportion_ci
 
     labels, probs = np.asarray(labels), np.asarray(probs)
     if name == "accuracy" and labels.ndim == 1:
         return proportion_ci(int((probs.argmax(1) == labels).sum()), len(labels))
+    if labels.ndim == 1 and name in PERFECT_SPLIT_BOUND and _perfect_for(name, func, labels, probs):
+        return perfect_split_ci(name, labels, probs.shape[1])
     return bootstrap_ci(func, labels, probs, n_boot=n_boot, seed=seed)
+
+
+PERFECT_SPLIT_BOUND = ("balanced_accuracy", "f1_macro", "auc")
+
+
+def _perfect_for(name: str, func: Metric, labels: np.ndarray, probs: np.ndarray) -> bool:
+    """No errors for this metric: every image predicted right (AUC: the classes' scores fully separated)."""
+    if name == "auc":
+        return bool(func(labels, probs) == 1.0)
+    return bool((probs.argmax(1) == labels).all())
+
+
+def perfect_split_ci(name: str, labels: np.ndarray, k: int) -> tuple[float, float]:
+    """The 95% interval of a metric that is perfect on these images. Every bootstrap resample of a perfect split
+    is perfect too, so the bootstrap's interval has zero width; instead each class's error rate is bounded by
+    the Wilson interval of zero errors on its n_c images (about 3.8/n_c): balanced accuracy and macro F1 are at
+    least the mean over classes of 1 − that bound, and a one-vs-rest AUC at least (1 − e_class)(1 − e_rest): the
+    share of pairs still ordered right when those shares of each side cross the separating threshold."""
+    from .stats import proportion_ci
+
+    def error_bound(n: int) -> float:
+        return 1.0 - proportion_ci(n, n)[0]
+
+    counts = np.bincount(labels.astype(int), minlength=k)
+    present = [c for c in range(k) if counts[c] > 0]
+    if name == "auc":
+        ordered = [(1 - error_bound(int(counts[c]))) * (1 - error_bound(int(len(labels) - counts[c])))
+                   for c in ([1] if k == 2 else present)]
+        return float(np.mean(ordered)), 1.0
+    return float(np.mean([1 - error_bound(int(counts[c])) for c in present])), 1.0
 
 
 def estimate(labels: np.ndarray, probs: np.ndarray, classes: list[str], method: str, n_boot: int = 1000,

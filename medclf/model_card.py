@@ -230,7 +230,9 @@ def _metrics_section(metrics: dict) -> str:
     return ("## Metrics\n\n"
             "- Accuracy, balanced accuracy (mean recall over classes), ROC AUC (one-vs-rest, macro for more than "
             "two classes), macro F1; per class: sensitivity (recall), specificity, precision.\n"
-            "- Uncertainty: 95% percentile bootstrap confidence intervals (1000 resamples of the images).\n"
+            "- Uncertainty: 95% confidence intervals: Wilson for accuracy (a proportion of images), else the "
+            "percentile bootstrap (1000 resamples of the images); on a split with no errors, whose resamples are all "
+            "perfect, the lower end comes from each class's Wilson bound for zero errors.\n"
             "- Calibration: top-label expected calibration error (ECE, 15 equal-width bins).\n"
             f"- Operating point: {point}.\n")
 

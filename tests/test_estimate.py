@@ -140,3 +140,30 @@ def test_accuracy_ci_stays_honest_when_the_split_has_no_errors():
     one_wrong = probs.copy()
     one_wrong[0] = np.roll(one_wrong[0], 1)
     assert M.headline_ci("accuracy", M.accuracy, labels, one_wrong)[0] < low  # an error widens it
+
+
+@pytest.mark.parametrize("k", [2, 6])
+def test_perfect_split_cis_keep_the_error_each_class_cannot_rule_out(k):
+    """Balanced accuracy, macro F1 and AUC on a perfect split: not the bootstrap's zero-width [1, 1] but a lower
+    end from each class's Wilson bound for zero errors; one error brings back the ordinary bootstrap."""
+    from scipy.stats import binomtest
+
+    def bound(n: int) -> float:  # the Wilson upper bound of the error rate after 0 errors in n
+        return 1 - binomtest(n, n).proportion_ci(0.95, method="wilson").low
+
+    labels = np.repeat(np.arange(k), [60 * (c + 1) for c in range(k)])  # unequal classes: the bound is per class
+    probs = np.eye(k)[labels] * 0.9 + 0.1 / k
+    n_c = np.bincount(labels)
+    est = M.estimate(labels, probs, [str(i) for i in range(k)], M.METHOD_VAL, n_boot=200)
+    recall_low = np.mean([1 - bound(int(n)) for n in n_c])
+    auc_low = ((1 - bound(int(n_c[1]))) * (1 - bound(int(n_c[0]))) if k == 2 else
+               np.mean([(1 - bound(int(n))) * (1 - bound(int(len(labels) - n))) for n in n_c]))
+    for name, low in (("balanced_accuracy", recall_low), ("f1_macro", recall_low), ("auc", auc_low)):
+        assert est[name]["value"] == 1.0, name
+        assert est[name]["ci95"] == pytest.approx([low, 1.0]), name
+        assert 0.9 < low < 1.0, name
+    one_wrong = probs.copy()
+    one_wrong[0] = np.roll(one_wrong[0], 1)  # one error: resamples differ, the bootstrap is meaningful again
+    funcs = M.metric_functions([str(i) for i in range(k)])
+    assert M.headline_ci("f1_macro", funcs["f1_macro"], labels, one_wrong, n_boot=200) == \
+        bootstrap_ci(funcs["f1_macro"], labels, one_wrong, n_boot=200)

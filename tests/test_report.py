@@ -59,7 +59,7 @@ def test_report_command_numbers_equal_metrics_json(run_without_report, capsys):
     keys = {tuple(k) for k, _, _ in parse(text).found}
     for split in ("val", "test"):
         assert (split, "auc") in keys and (split, "per_class", "PNEUMONIA", "specificity") in keys
-    for heading in ("95% bootstrap confidence intervals", "Sensitivity and specificity", "Calibration",
+    for heading in ("95% confidence intervals", "Sensitivity and specificity", "Calibration",
                     "Grad-CAM", "Dataset", "Resolved configuration", "precision-recall"):
         assert heading in text, heading
     # dataset summary: the counts of splits.csv

@@ -16,7 +16,7 @@ from ..data.store import Store
 from ..errors import MedclfError
 from ..gradcam import grad_cam, overlay
 from ..oof import read_oof
-from ..stats import bootstrap_ci, expected_calibration_error, reliability_bins
+from ..stats import bootstrap_ci, expected_calibration_error, proportion_ci, reliability_bins
 from . import figures
 from . import html as H
 
@@ -95,7 +95,7 @@ def _single_label_sections(run: Path, loaded: inference.LoadedModel, evaluated: 
     return [
         H.section("What to expect on new images", _expectation(saved, evaluated, classes, n_boot), "estimate"),
         _summary(evaluated, shown, classes, n_boot),
-        H.section("Metrics with 95% bootstrap confidence intervals", _metrics_tables(evaluated, classes, n_boot), "metrics"),
+        H.section("Metrics with 95% confidence intervals", _metrics_tables(evaluated, classes, n_boot), "metrics"),
         H.section("Sensitivity and specificity per class", _per_class_tables(evaluated, classes, n_boot), "per-class"),
         H.section("Training curves", _curves(run), "curves"),
         H.section(f"Confusion matrix, ROC and precision-recall ({name})", _curve_figures(s, classes, name), "roc"),
@@ -184,7 +184,7 @@ def _expectation(saved: dict, evaluated: dict, classes: list[str], n_boot: int) 
         interval = ("—" if ci is None else
                     f"{H.num(ci[0], at(m, 'ci95', 0))} to {H.num(ci[1], at(m, 'ci95', 1))}")
         rows.append([label, H.num(value, at(m, "value")), interval])
-    text = (f'<p class="summary">Expected performance on new images from the same source, with 95% bootstrap '
+    text = (f'<p class="summary">Expected performance on new images from the same source, with 95% '
             f'confidence intervals, from {H.num(est["n"], at("n"), 0)} images: {method_words(est["method"])}</p>')
     warnings = "".join(f'<p class="note">{H.esc(w)}</p>' for w in est["warnings"])
     origin = ("" if key is not None else '<p class="muted">metrics.json of this run has no estimate (made by an '
@@ -228,12 +228,13 @@ def _cis(e: dict, classes: list[str], n_boot: int) -> dict:
 
 
 def _class_cis(e: dict, classes: list[str], n_boot: int) -> dict:
-    """Bootstrap CIs of per-class sensitivity and specificity."""
-    y, p = e["labels"], e["probs"]
+    """95% CIs of per-class sensitivity and specificity: each a proportion of images (of the class, of the
+    other classes), so the Wilson interval, which stays honest at 0 or 100% (a bootstrap would give zero width)."""
+    y, predicted = np.asarray(e["labels"]), np.asarray(e["probs"]).argmax(1)
     out = {}
     for i, c in enumerate(classes):
-        out[("recall", c)] = bootstrap_ci(metrics.recall_of(i), y, p, n_boot=n_boot)
-        out[("specificity", c)] = bootstrap_ci(metrics.specificity_of(i), y, p, n_boot=n_boot)
+        out[("recall", c)] = proportion_ci(int(((predicted == i) & (y == i)).sum()), int((y == i).sum()))
+        out[("specificity", c)] = proportion_ci(int(((predicted != i) & (y != i)).sum()), int((y != i).sum()))
     return out
 
 
@@ -277,7 +278,9 @@ def _metrics_tables(evaluated: dict, classes: list[str], n_boot: int) -> str:
                          H.num(t["accuracy"], [split, "threshold", "accuracy"]),
                          H.num(t["balanced_accuracy"], [split, "threshold", "balanced_accuracy"]), "",
                          H.num(t["f1_macro"], [split, "threshold", "f1_macro"])])
-    note = (f'<p class="muted">Percentile bootstrap over images, {n_boot} resamples. Binary tasks: the threshold on '
+    note = (f'<p class="muted">Accuracy: the Wilson interval (a proportion of images); the others: percentile '
+            f'bootstrap over images, {n_boot} resamples, except on a split with no errors, where every resample is '
+            f'perfect too and each class\'s Wilson bound for zero errors sets the lower end. Binary tasks: the threshold on '
             "P(class 1) is chosen on validation by Youden's J; the other rows use the most probable class.</p>")
     return H.table(["split"] + list(HEADLINE.values()), rows) + note
 
