@@ -4,7 +4,7 @@ oneDNN computes a convolution's weight gradient on the CPU in fp32 by im2col and
 output map has one to four positions (ResNet's last stage at 32-64 px inputs: a 512x512x3x3 kernel on 1x1 or
 2x2 maps) those GEMMs are rank-1 to rank-4 updates and the weight gradient costs several times the whole
 forward pass. Unfolding the batch once and taking a single GEMM over all its positions gives the same sums,
-many times faster (benchmarks/speed.py --modes train prints the step time). The forward pass and the input
+many times faster (benchmarks/train_step.py times a training step with and without it). The forward pass and the input
 gradient stay oneDNN's; the result equals the reference gradient up to fp32 summation order
 (tests/test_models.py checks it).
 

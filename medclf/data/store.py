@@ -347,18 +347,23 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Te
     return out
 
 
+DECODE_TASK = 16  # images decoded per thread-pool task
+
+
 def _decode_files(paths: list[str], images: np.ndarray, skip_bad: bool, desc: str):
     """Decode every file into images (N×C×S×S); returns the kept images, kept indices and {row: reason} skipped."""
     channels, size = images.shape[1], images.shape[-1]
     reasons: dict[int, str] = {}
 
-    def work(i: int) -> None:
-        try:
-            images[i] = _to_channels(decode_image(paths[i], size), channels)
-        except MedclfError as exc:
-            if not skip_bad:
-                raise
-            reasons[i] = str(exc)
+    def work(rows: range) -> int:
+        for i in rows:
+            try:
+                images[i] = _to_channels(decode_image(paths[i], size), channels)
+            except MedclfError as exc:
+                if not skip_bad:
+                    raise
+                reasons[i] = str(exc)
+        return len(rows)
 
     threads = min(8, (os.cpu_count() or 1) * 2)  # PIL releases the GIL while decoding
     block = rows_per_block(images)  # a memory map is written block by block, each block's pages then released
@@ -366,8 +371,10 @@ def _decode_files(paths: list[str], images: np.ndarray, skip_bad: bool, desc: st
             tqdm(total=len(paths), desc=f"decode {desc}", unit="img", leave=False, disable=len(paths) < 500) as bar:
         for start in range(0, len(paths), block):
             stop = min(len(paths), start + block)
-            for _ in pool.map(work, range(start, stop)):
-                bar.update()
+            # a task per DECODE_TASK images: with small images, one future per image costs as much as its decode
+            tasks = [range(i, min(stop, i + DECODE_TASK)) for i in range(start, stop, DECODE_TASK)]
+            for done in pool.map(work, tasks):
+                bar.update(done)
             release_pages(images, start, stop)
     keep = np.setdiff1d(np.arange(len(paths)), list(reasons))
     if skip_bad and not len(keep):
