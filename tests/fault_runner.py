@@ -84,6 +84,9 @@ def arm(point: str, nth: int, sig: int) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C as in a terminal: a shell that starts a job in the background without job control hands it SIGINT
+    # ignored, and the child would inherit that (the run would finish instead of stopping)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     fault = os.environ.get("MEDCLF_TEST_FAULT")
     if fault:
         point, nth, sig = fault.split(":")
