@@ -231,8 +231,9 @@ def _metrics_section(metrics: dict) -> str:
             "- Accuracy, balanced accuracy (mean recall over classes), ROC AUC (one-vs-rest, macro for more than "
             "two classes), macro F1; per class: sensitivity (recall), specificity, precision.\n"
             "- Uncertainty: 95% confidence intervals: Wilson for accuracy (a proportion of images), else the "
-            "percentile bootstrap (1000 resamples of the images); on a split with no errors, whose resamples are all "
-            "perfect, the lower end comes from each class's Wilson bound for zero errors.\n"
+            "percentile bootstrap (1000 resamples of the images); where a metric is perfect on a split (AUC: classes "
+            "fully separated), whose resamples are then all perfect, the lower end comes from each class's Wilson "
+            "bound for zero errors.\n"
             "- Calibration: top-label expected calibration error (ECE, 15 equal-width bins).\n"
             f"- Operating point: {point}.\n")
 

@@ -279,9 +279,11 @@ def _metrics_tables(evaluated: dict, classes: list[str], n_boot: int) -> str:
                          H.num(t["balanced_accuracy"], [split, "threshold", "balanced_accuracy"]), "",
                          H.num(t["f1_macro"], [split, "threshold", "f1_macro"])])
     note = (f'<p class="muted">Accuracy: the Wilson interval (a proportion of images); the others: percentile '
-            f'bootstrap over images, {n_boot} resamples, except on a split with no errors, where every resample is '
-            f'perfect too and each class\'s Wilson bound for zero errors sets the lower end. Binary tasks: the threshold on '
-            "P(class 1) is chosen on validation by Youden's J; the other rows use the most probable class.</p>")
+            f'bootstrap over images, {n_boot} resamples, except where the metric is perfect (AUC: classes fully '
+            f'separated), where every resample is '
+            f'perfect too and each class\'s Wilson bound for zero errors sets the lower end. Binary tasks: the '
+            "threshold on P(class 1) is chosen on validation by Youden's J; the other rows use the most probable "
+            "class.</p>")
     return H.table(["split"] + list(HEADLINE.values()), rows) + note
 
 
