@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torchvision
+import torch.nn.functional as F
 
 from medclf import models
 from medclf.errors import MedclfError
@@ -158,38 +159,73 @@ def test_damaged_file_is_one_line(tmp_path_factory, cuts, byte, keep):
 @pytest.mark.parametrize("name", list(models.REGISTRY))
 @pytest.mark.parametrize("size,channels_last", [(32, False), (32, True), (64, True)])
 def test_small_map_convs_give_the_plain_gradients(name, size, channels_last):
-    """ResNets at 32-64 px end on 1x1-2x2 maps, where SmallMapConv2d computes the weight gradient by one GEMM:
-    the same gradients (fp32 summation order aside) as torchvision's plain Conv2d, on every parameter."""
-    from medclf.cpu_conv import SmallMapConv2d, _SmallMapConv
+    """ResNets at 32-64 px end on 1x1-2x2 maps, where SmallMapConv2d computes convolutions as GEMMs (1x1 outputs
+    with only the taps that meet data): the same outputs and gradients as torchvision's plain Conv2d on every
+    parameter. In float64, so that a wrong tap or position cannot hide in fp32 rounding, which a BatchNorm over a
+    few 1x1 maps amplifies."""
+    from medclf.cpu_conv import SmallMapConv2d, _SinglePositionConv, _SmallMapConv
 
     torch.manual_seed(0)
-    fast = models.build_model(name, num_classes=3, in_chans=1, stem="imagenet")
-    plain = models.build_model(name, num_classes=3, in_chans=1, stem="imagenet")
+    fast = models.build_model(name, num_classes=3, in_chans=1, stem="imagenet").double()
+    plain = models.build_model(name, num_classes=3, in_chans=1, stem="imagenet").double()
     for module in plain.modules():  # back to torch's own convolution everywhere
         if isinstance(module, SmallMapConv2d):
             module.__class__ = torch.nn.Conv2d
     plain.load_state_dict(fast.state_dict())
-    x = torch.randn(6, 1, size, size)
+    x = torch.randn(6, 1, size, size, dtype=torch.float64)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    calls = []
-    original = _SmallMapConv.forward
+    calls = {"single": [], "small": []}
+    originals = {"single": _SinglePositionConv.forward, "small": _SmallMapConv.forward}
+
+    def spy(kind):
+        return staticmethod(lambda ctx, *a: calls[kind].append(a[1].shape) or originals[kind](ctx, *a))
     try:
-        _SmallMapConv.forward = staticmethod(lambda ctx, *a: calls.append(a[1].shape) or original(ctx, *a))
+        _SinglePositionConv.forward, _SmallMapConv.forward = spy("single"), spy("small")
+        outputs = []
         for model in (fast, plain):
             model.to(memory_format=fmt).train()
-            model(x.contiguous(memory_format=fmt)).logsumexp(1).sum().backward()
+            outputs.append(model(x.contiguous(memory_format=fmt)))
+            outputs[-1].logsumexp(1).sum().backward()
     finally:
-        _SmallMapConv.forward = staticmethod(original)
-    assert calls, "no convolution took the small-map path"
-    assert all(shape[-1] in (1, 3) for shape in calls)
+        _SinglePositionConv.forward = staticmethod(originals["single"])
+        _SmallMapConv.forward = staticmethod(originals["small"])
+    assert calls["single"] or size == 64, "no convolution took the single-position path"  # 64 px ends on 2x2 maps
+    assert calls["small"], "no convolution took the small-map path"
+    assert torch.allclose(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
     grads = dict(plain.named_parameters())
     for key, p in fast.named_parameters():
         ref = grads[key].grad
-        assert torch.allclose(p.grad, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item()), key
+        assert torch.allclose(p.grad, ref, rtol=1e-8, atol=1e-10 * ref.abs().max().item()), key
+        assert p.grad.stride() == p.stride() or p.shape[-2:] == (1, 1), key  # the kernel's own layout: no copy
     assert models.build_model(name, 3, 1).state_dict().keys() == plain.state_dict().keys()
 
 
-def test_small_map_path_only_while_training_fp32_on_cpu():
+@pytest.mark.parametrize("size,kernel,stride,padding", [(1, 3, 1, 1), (2, 3, 2, 1), (2, 1, 2, 0), (3, 3, 1, 0),
+                                                        (2, 3, 1, 1), (4, 3, 2, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tiny_map_convolutions_equal_conv2d(size, kernel, stride, padding, channels_last):
+    """Each geometry the GEMM paths handle (taps on padding, strides, 1x1 kernels), alone, against F.conv2d."""
+    from medclf.cpu_conv import SmallMapConv2d
+
+    torch.manual_seed(size * 10 + kernel)
+    conv = SmallMapConv2d(5, 7, kernel, stride=stride, padding=padding, bias=False).double().train()
+    x = torch.randn(4, 5, size, size, dtype=torch.float64)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    fast_x, plain_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = conv(fast_x)
+    ref = F.conv2d(plain_x, conv.weight, None, stride, padding)
+    grad = torch.randn_like(ref)
+    out.backward(grad)
+    weight_grad = conv.weight.grad.clone()
+    conv.weight.grad = None
+    ref.backward(grad)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-12)
+    assert torch.allclose(fast_x.grad, plain_x.grad, atol=1e-12)
+    assert torch.allclose(weight_grad, conv.weight.grad, atol=1e-12)
+
+
+def test_small_map_path_only_while_training_on_cpu():
     from medclf.cpu_conv import SmallMapConv2d, _SmallMapConv
 
     conv = SmallMapConv2d(8, 8, 3, padding=1, bias=False)
