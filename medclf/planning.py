@@ -376,7 +376,8 @@ def _checkpoint_rule(folds: int, n_val: int) -> tuple[str, str]:
     half_width = 1.96 * math.sqrt(0.9 * 0.1 / max(1, n_val))  # 95% CI half-width of an accuracy near 0.9
     if n_val >= BEST_EPOCH_MIN_VAL:
         return "best", (f"best validation epoch: {n_val} validation images (≥ {BEST_EPOCH_MIN_VAL}) rank epochs to "
-                        f"±{half_width:.3f} accuracy: enough to tell epochs apart")
+                        f"±{half_width:.3f} accuracy: enough to tell epochs apart (if validation saturates, epochs differ by a "
+                        f"few images and the final annealed weights are kept)")
     return "final", (f"final weights of the completed schedule: {n_val} validation images rank epochs only to "
                      f"±{half_width:.3f} accuracy (95%): smaller differences between epochs are noise, and the best "
                      f"epoch would be chosen by it (< {BEST_EPOCH_MIN_VAL} images; nnU-Net keeps the final checkpoint too)")

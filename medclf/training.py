@@ -31,6 +31,7 @@ from .metrics import METHOD_VAL, METHOD_VAL_SELECTED, estimate, evaluate_predict
 from .model_card import headline_intervals
 from .serialize import json_safe, plain
 
+SATURATED = "validation saturated"  # how a stop reason starts when validation had (almost) no errors left
 PROGRESS_EVERY = 25  # steps between the progress bar's loss updates: each one waits for the GPU to catch up
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_auc",
                    "val_f1_macro", "lr", "seconds"]
@@ -312,7 +313,8 @@ def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool
         raise MedclfError(f"training produced no usable checkpoint in {out}: the validation loss was not finite in any "
                           f"of {len(fitted['history'])} epoch(s) (the model diverged); try a lower --lr")
     # rank 0 evaluates and writes the run's files; the others wait for its metrics
-    metrics = distributed.from_main(world, lambda: finish_run(out, stores, spec, cfg, device, precision, channels_last))
+    metrics = distributed.from_main(world, lambda: finish_run(out, stores, spec, cfg, device, precision, channels_last,
+                                                                kept=fitted["kept"]))
     return {"out": str(out), "metrics": metrics, "history": fitted["history"]}
 
 
@@ -339,12 +341,13 @@ def _share_plan(cfg: TrainConfig, the_plan: dict | None, world: distributed.Worl
 def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val_store: Store | None, out: Path,
         env: dict, state: dict | None, resolved: dict, desc: str = "", resume_dir: Path | None = None) -> dict:
     """Train one model on `train_store`, validating on `val_store` (None: no validation, e.g. a refit on all data)
-    after each epoch; writes out/model.pt, last.pt and history.csv. Returns {"history", "stop_reason"}.
+    after each epoch; writes out/model.pt, last.pt and history.csv. Returns {"history", "stop_reason", "kept"}.
 
     The schedule always completes: early stopping, saturated validation and the time budget bring its end
     forward (it anneals to 0 over a short tail) instead of stopping at a high learning rate.
     `cfg.checkpoint`: "final" keeps the weights (EMA when on) of the last epoch, "best" those of the best
-    validation epoch (the plan chooses best only where validation is large enough to rank epochs)."""
+    validation epoch (the plan chooses best only where validation is large enough to rank epochs) unless
+    validation saturates: then the final weights (see _kept)."""
     device, precision, channels_last = env["device"], env["precision"], env["channels_last"]
     k = spec["num_classes"]
     gen = runtime.seed_everything(cfg.seed)
@@ -409,8 +412,6 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
             extra = {"config": resolved, "epoch": epoch + 1, "val": {k2: v for k2, v in row.items() if k2.startswith("val_")}}
             improved = score > best
             best, bad_epochs = (score, 0) if improved else (best, bad_epochs + 1)
-            if world.is_main and (keep_best and improved or not keep_best and math.isfinite(row.get("val_loss", 0.0))):
-                atomic.torch_save(models.checkpoint_dict(scored, spec, extra), out / "model.pt")
             done = sched is not None and sched.done(scheduler.last_epoch)
             if not done:
                 taken = scheduler.last_epoch if sched is not None else (epoch + 1) * steps  # optimizer steps so far
@@ -421,6 +422,11 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
                     if sched is not None:  # the next step's rate follows the new end at once
                         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
                             group["lr"] = base_lr * sched(taken)
+            # Once validation is saturated, epochs differ by a few images: ranking them would choose noise (and,
+            # with label smoothing, calibration), so from then on the last (annealed) weights are kept.
+            if world.is_main and (improved if _kept(keep_best, stop_reason) == "best"
+                                  else math.isfinite(row.get("val_loss", 0.0))):
+                atomic.torch_save(models.checkpoint_dict(scored, spec, extra), out / "model.pt")
             if world.is_main:
                 _save_last(out, model, ema, spec, extra, optimizer, scheduler, env["scaler"],
                            {"history": history, "best": best, "epoch": epoch + 1, "generator": gen.get_state(),
@@ -435,9 +441,17 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
         epochs.close()
         raise KeyboardInterrupt(_interrupted_message(resume_dir or out, out, world.size)) from None
     epochs.close()
+    kept = _kept(keep_best, stop_reason)
     print(f"{desc}{stop_reason}: {len(history)} epoch(s), {scheduler.last_epoch if sched else '?'} steps, "
-          f"{time.perf_counter() - started:.0f} s")
-    return {"history": history, "stop_reason": stop_reason}
+          f"{time.perf_counter() - started:.0f} s; kept the {'best epoch' if kept == 'best' else 'final'} weights")
+    return {"history": history, "stop_reason": stop_reason, "kept": kept}
+
+
+def _kept(keep_best: bool, stop_reason: str) -> str:
+    """Which weights model.pt holds: "best" (validation's best epoch) or "final". Once validation is saturated,
+    epochs differ by a few images: ranking them would choose noise (with label smoothing, calibration rather
+    than accuracy), so a run that ends saturated keeps its last, annealed weights."""
+    return "best" if keep_best and not stop_reason.startswith(SATURATED) else "final"
 
 
 def _early_end(cfg: TrainConfig, history: list[dict], bad_epochs: int, n_val: int, deadline: float | None,
@@ -452,7 +466,7 @@ def _early_end(cfg: TrainConfig, history: list[dict], bad_epochs: int, n_val: in
         reason, last = f"early stop: no {cfg.monitor} gain in {cfg.patience} epochs", taken + tail - 1
     elif cfg.stop_saturated and saturated(history, n_val):
         wrong = round((1 - history[-1]["val_accuracy"]) * n_val)
-        reason, last = f"validation saturated ({wrong} error(s) on {n_val} images)", taken + tail - 1
+        reason, last = f"{SATURATED} ({wrong} error(s) on {n_val} images)", taken + tail - 1
     if deadline is not None:
         fit_more = epochs_that_fit(deadline - (time.perf_counter() if now is None else now),
                                    [r["seconds"] for r in history])
@@ -505,9 +519,10 @@ def _interrupted_message(out: Path, saved_in: Path | None = None, nproc: int = 1
     return f"no epoch finished, so there is nothing to resume; the same command starts over (it replaces {out})"
 
 
-def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig, device, precision, channels_last) -> dict:
+def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig, device, precision, channels_last,
+               kept: str | None = None) -> dict:
     """Evaluate the kept checkpoint on val (choosing the binary threshold and giving the estimate) and test;
-    write metrics and plots."""
+    write metrics and plots. `kept`: which weights fit kept ("best" or "final"; default: cfg.checkpoint)."""
     model, ckpt = models.load_model(out / "model.pt")
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     results, curves = {}, {}
@@ -527,7 +542,7 @@ def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig
         ckpt["thresholds" if tasks.is_multilabel(spec) else "threshold"] = threshold
         atomic.torch_save(ckpt, out / "model.pt")
     if "val" in curves and len(curves["val"][0]):
-        method = METHOD_VAL if cfg.checkpoint == "final" else METHOD_VAL_SELECTED
+        method = METHOD_VAL if (kept or cfg.checkpoint) == "final" else METHOD_VAL_SELECTED
         results["estimate"] = estimate(*curves["val"], spec["classes"], method, cis=results["val"]["ci95"])
     results = json_safe(results)
     atomic.write_text(out / "metrics.json", json.dumps(results, indent=2))

@@ -1,6 +1,7 @@
 """A schedule that completes: the rate reaches 0 on the last step however training ends (epochs, time budget,
 early stopping, saturated validation), and the decision survives --resume."""
 import csv
+import json
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 import medclf
 from medclf import schedule, training
 from medclf.config import TrainConfig
+from medclf.metrics import METHOD_VAL, METHOD_VAL_SELECTED
 from medclf.planning import make_plan
 
 from conftest import write_class_folders
@@ -136,6 +138,28 @@ def test_saturated_validation_finishes_the_schedule(tmp_path, monkeypatch):
     medclf.train(data=str(_data(tmp_path / "d")), patience=0, out=str(run), **FLAGS)
     assert lrs[-1] == 0.0 and min(lrs[:-1]) > 0 and len(lrs) < 18
     assert _epochs_run(run) == 2
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_a_saturated_run_keeps_its_final_weights_not_the_best_epoch(tmp_path, monkeypatch, saturates):
+    """checkpoint=best: validation's best epoch is kept unless validation saturates; then epochs differ by a
+    few images, and the annealed final weights are kept (and the estimate did not select them)."""
+    scores = iter([3.0, 2.0, 1.0, 0.0, -1.0, -2.0])  # epoch 1 is the best by the monitored score
+    monkeypatch.setattr(training, "monitor_score", lambda row, monitor: next(scores))
+    monkeypatch.setattr(training, "saturated", lambda history, n_val: saturates and len(history) >= 2)
+    run = tmp_path / "run"
+    flags = {**FLAGS, "epochs": 4}
+    medclf.train(data=str(_data(tmp_path / "d")), patience=0, checkpoint="best", ema=0.0, out=str(run), **flags)
+    kept = torch.load(run / "model.pt", weights_only=False)
+    last = torch.load(run / "last.pt", weights_only=False)
+    estimate = json.loads((run / "metrics.json").read_text())["estimate"]
+    if saturates:  # saturated after epoch 2, annealed over epoch 3: model.pt holds epoch 3's weights
+        assert _epochs_run(run) == 3 and kept["epoch"] == 3 == last["epoch"]
+        assert all(torch.equal(kept["state_dict"][name], weights) for name, weights in last["state_dict"].items())
+        assert estimate["method"] == METHOD_VAL
+    else:
+        assert _epochs_run(run) == 4 and kept["epoch"] == 1
+        assert estimate["method"] == METHOD_VAL_SELECTED
 
 
 def test_a_binding_time_budget_finishes_the_schedule_on_time(tmp_path, monkeypatch):
