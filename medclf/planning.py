@@ -236,7 +236,7 @@ def _cost(stem: str, size: int) -> float:
     return float(size * size if stem == "small" else (size / 4) ** 2)
 
 
-def _min_epochs(n_train: int) -> int:
+def min_epochs(n_train: int) -> int:
     """Epochs a model needs at least to converge: about 40k images seen, 3 to 15 epochs."""
     return int(min(15, max(3, math.ceil(40_000 / max(1, n_train)))))
 
@@ -312,28 +312,28 @@ def _probe_row(stem: str, size: int, measured: dict, n_train: int, n_val: int, b
 
 def _choose_size(cands: list[tuple[str, int, str]], measure: _Prober, n_train: int, n_val: int,
                  budget: float) -> dict[str, Any]:
-    """The first candidate whose `_min_epochs` fit `budget` minutes for one model trained on n_train images
+    """The first candidate whose `min_epochs` fit `budget` minutes for one model trained on n_train images
     and validated on n_val; else the cheapest. Returns {"chosen": (stem, size, why, probe or None), "fits",
     "why_not", "probes"}."""
     if not measure.do_probe:  # nothing to fit: no probe, so fixed-epoch runs (and tests) start at once
         return {"chosen": (*cands[0], None), "fits": True, "why_not": "", "probes": []}
-    min_epochs = _min_epochs(n_train)
+    needed = min_epochs(n_train)
     too_slow = math.inf  # cost of the cheapest candidate measured not to fit
     probes: list[dict[str, Any]] = []
     for stem, size, why in cands:
         if _cost(stem, size) >= too_slow:
             continue  # at least as expensive as one that did not fit: no need to time it
         probes.append(_probe_row(stem, size, measure(stem, size), n_train, n_val, budget))
-        if probes[-1]["epochs_in_budget"] >= min_epochs:
+        if probes[-1]["epochs_in_budget"] >= needed:
             measure.results = probes
             return {"chosen": (stem, size, why, probes[-1]), "fits": True, "why_not": "", "probes": probes}
         too_slow = min(too_slow, _cost(stem, size))
     best = min(range(len(probes)), key=lambda i: probes[i]["epoch_s"])
     stem, size = probes[best]["stem"], probes[best]["size"]
     why = next(c[2] for c in cands if c[:2] == (stem, size))
-    why_not = f"{probes[best]['epochs_in_budget']} epoch(s) of {min_epochs} needed at {size} px"
+    why_not = f"{probes[best]['epochs_in_budget']} epoch(s) of {needed} needed at {size} px"
     measure.results = probes
-    return {"chosen": (stem, size, why + f" (the cheapest candidate; none fits {min_epochs} epochs in {budget:.3g} min)",
+    return {"chosen": (stem, size, why + f" (the cheapest candidate; none fits {needed} epochs in {budget:.3g} min)",
                        probes[best]), "fits": False, "why_not": why_not, "probes": probes}
 
 
@@ -350,7 +350,7 @@ def _deeper_model(measure: _Prober, cands: list[tuple[str, int, str]], search: d
     stem, size, _, measured = search["chosen"]
     if measured is None or not search["fits"] or (stem, size) != cands[0][:2] or n_train < DEEPER_MIN_TRAIN:
         return None
-    need = DEEPER_HEADROOM * _min_epochs(n_train)
+    need = DEEPER_HEADROOM * min_epochs(n_train)
     for model in DEEPER_MODELS:
         try:
             measured = measure(stem, size, model)
@@ -548,10 +548,10 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
     decide("ema", decay, f"EMA of the weights over ~{int(1 / (1 - decay)) if use_ema else 0} of {steps} steps: a smoother, "
                          "better-generalising checkpoint" if use_ema else f"off: {steps} steps are too few to average over")
     probes = measure.results
-    min_epochs = _min_epochs(fold_train)
+    needed = min_epochs(fold_train)
     settings = {name: settings[name] for name in PLANNED}
     reasons = {name: reasons[name] for name in PLANNED}
-    return {"settings": settings, "reasons": reasons, "probe": probes, "min_epochs": min_epochs,
+    return {"settings": settings, "reasons": reasons, "probe": probes, "min_epochs": needed,
             "time_budget": budget, "data": fp.get("data"),
             "splits": dict(fp.get("generated_splits") or {})}  # how medclf made splits the data lacks, and why
 

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from . import atomic, crossval, distributed, models, rundir, runtime, tasks
 from .schedule import epochs_that_fit, make_scheduler, saturated, schedule_of, tail_steps
-from .planning import PLANNED, balance_for, fingerprint, format_plan, make_plan, save_plan, steps_per_epoch
+from .planning import (PLANNED, balance_for, fingerprint, format_plan, make_plan, min_epochs, save_plan,
+                       steps_per_epoch)
 from .config import TrainConfig, load_yaml, save_yaml
 from .data import dicom, sources, splits
 from .data.augment import PRESETS, prepare_batch, training_preset
@@ -377,6 +378,7 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
     stop_reason = (state or {}).get("stop_reason") or "completed"
     keep_best = cfg.checkpoint == "best" and val_store is not None  # without validation there is no best epoch
     n_val = len(val_store) if val_store is not None else 0
+    least_steps = min_epochs(len(train_store)) * steps  # saturation does not end training sooner than this
     epochs = tqdm(range(start_epoch, cfg.epochs), desc=f"{desc}epochs".strip(), unit="epoch", initial=start_epoch,
                   total=cfg.epochs, disable=not env["progress"])
     try:
@@ -416,7 +418,7 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
             if not done:
                 taken = scheduler.last_epoch if sched is not None else (epoch + 1) * steps  # optimizer steps so far
                 ending = _early_end(cfg, history, bad_epochs, n_val, deadline, epoch, steps, sched, taken, finishable,
-                                    now=now if world.active else None)
+                                    now=now if world.active else None, least_steps=least_steps)
                 if ending is not None:
                     stop_reason, done = ending
                     if sched is not None:  # the next step's rate follows the new end at once
@@ -455,18 +457,20 @@ def _kept(keep_best: bool, stop_reason: str) -> str:
 
 
 def _early_end(cfg: TrainConfig, history: list[dict], bad_epochs: int, n_val: int, deadline: float | None,
-               epoch: int, steps: int, sched, taken: int, finishable: bool, now: float | None = None
-               ) -> tuple[str, bool] | None:
+               epoch: int, steps: int, sched, taken: int, finishable: bool, now: float | None = None,
+               least_steps: int = 0) -> tuple[str, bool] | None:
     """Whether training ends before its planned epochs: (why, stop now). A finishable (cosine) schedule does not
     stop at once: its end is brought forward to a short annealing tail, and training stops when that has run.
-    `now`: the moment the time left is counted from (rank 0's reading under torchrun), else the clock's now."""
+    `now`: the moment the time left is counted from (rank 0's reading under torchrun), else the clock's now.
+    `least_steps`: saturated validation ends training no sooner (the plan's min_epochs: a validation split
+    that is right early, during warm-up, does not make a model that has seen too few images converged)."""
     reason, last = None, None
     tail = tail_steps(sched.total if sched else cfg.epochs * steps, steps)
     if cfg.patience and bad_epochs >= cfg.patience:
         reason, last = f"early stop: no {cfg.monitor} gain in {cfg.patience} epochs", taken + tail - 1
     elif cfg.stop_saturated and saturated(history, n_val):
         wrong = round((1 - history[-1]["val_accuracy"]) * n_val)
-        reason, last = f"{SATURATED} ({wrong} error(s) on {n_val} images)", taken + tail - 1
+        reason, last = f"{SATURATED} ({wrong} error(s) on {n_val} images)", max(taken + tail, least_steps) - 1
     if deadline is not None:
         fit_more = epochs_that_fit(deadline - (time.perf_counter() if now is None else now),
                                    [r["seconds"] for r in history])

@@ -312,7 +312,7 @@ def test_a_faster_device_gets_a_larger_size_and_a_deeper_model_by_the_same_rule(
     assert slow["settings"]["model"] == "resnet18" and slow["settings"]["size"] < 224
     assert fast["settings"]["size"] == 224 and fast["settings"]["model"] == "resnet50"
     deeper = fast["probe"][-1]
-    assert deeper["model"] == "resnet50" and deeper["epochs_in_budget"] >= 2 * planning._min_epochs(30_000)
+    assert deeper["model"] == "resnet50" and deeper["epochs_in_budget"] >= 2 * planning.min_epochs(30_000)
     assert str(deeper["epochs_in_budget"]) in fast["reasons"]["model"]
     assert fast["settings"]["epochs"] == deeper["epochs_in_budget"]  # the schedule is the deeper model's
     assert "resnet50, imagenet stem 224 px" in planning.format_plan(fast, _large_xray_set())

@@ -134,6 +134,7 @@ def test_early_stopping_finishes_the_schedule_instead_of_cutting_it(tmp_path, mo
 def test_saturated_validation_finishes_the_schedule(tmp_path, monkeypatch):
     lrs = _record_lrs(monkeypatch)
     monkeypatch.setattr(training, "saturated", lambda history, n_val: len(history) >= 1)
+    monkeypatch.setattr(training, "min_epochs", lambda n_train: 1)  # 40 images: the plan's floor would be 15
     run = tmp_path / "run"
     medclf.train(data=str(_data(tmp_path / "d")), patience=0, out=str(run), **FLAGS)
     assert lrs[-1] == 0.0 and min(lrs[:-1]) > 0 and len(lrs) < 18
@@ -147,6 +148,7 @@ def test_a_saturated_run_keeps_its_final_weights_not_the_best_epoch(tmp_path, mo
     scores = iter([3.0, 2.0, 1.0, 0.0, -1.0, -2.0])  # epoch 1 is the best by the monitored score
     monkeypatch.setattr(training, "monitor_score", lambda row, monitor: next(scores))
     monkeypatch.setattr(training, "saturated", lambda history, n_val: saturates and len(history) >= 2)
+    monkeypatch.setattr(training, "min_epochs", lambda n_train: 1)
     run = tmp_path / "run"
     flags = {**FLAGS, "epochs": 4}
     medclf.train(data=str(_data(tmp_path / "d")), patience=0, checkpoint="best", ema=0.0, out=str(run), **flags)
@@ -162,6 +164,19 @@ def test_a_saturated_run_keeps_its_final_weights_not_the_best_epoch(tmp_path, mo
         assert estimate["method"] == METHOD_VAL_SELECTED
 
 
+def test_saturation_during_warm_up_still_trains_the_plans_minimum_epochs(tmp_path, monkeypatch):
+    """Validation right after epoch 1 (mostly warm-up) does not end training before min_epochs: the schedule
+    is finished at that floor instead, annealing to 0 on its last step."""
+    lrs = _record_lrs(monkeypatch)
+    monkeypatch.setattr(training, "saturated", lambda history, n_val: len(history) >= 1)
+    monkeypatch.setattr(training, "min_epochs", lambda n_train: 3)
+    run = tmp_path / "run"
+    medclf.train(data=str(_data(tmp_path / "d")), patience=0, out=str(run), **{**FLAGS, "epochs": 8})
+    steps = 3  # 40 images in batches of 16
+    assert _epochs_run(run) == 3 and len(lrs) == 3 * steps
+    assert lrs[-1] == 0.0 and min(lrs[:-1]) > 0
+
+
 def test_a_binding_time_budget_finishes_the_schedule_on_time(tmp_path, monkeypatch):
     lrs = _record_lrs(monkeypatch)
     left = iter([2, 1, 0, 0, 0, 0])  # after epoch 1 two more epochs fit, then one: the end moves forward
@@ -175,6 +190,7 @@ def test_a_binding_time_budget_finishes_the_schedule_on_time(tmp_path, monkeypat
 def test_resume_keeps_the_early_end(tmp_path, monkeypatch):
     """Interrupted after the end was brought forward: the resumed run trains to that end, not to the old plan."""
     monkeypatch.setattr(training, "saturated", lambda history, n_val: len(history) == 1)
+    monkeypatch.setattr(training, "min_epochs", lambda n_train: 1)
     run = tmp_path / "run"
     data = _data(tmp_path / "d")
     flags = {**FLAGS, "epochs": 6}
