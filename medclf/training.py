@@ -424,8 +424,6 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
                     if sched is not None:  # the next step's rate follows the new end at once
                         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
                             group["lr"] = base_lr * sched(taken)
-            # Once validation is saturated, epochs differ by a few images: ranking them would choose noise (and,
-            # with label smoothing, calibration), so from then on the last (annealed) weights are kept.
             if world.is_main and (improved if _kept(keep_best, stop_reason) == "best"
                                   else math.isfinite(row.get("val_loss", 0.0))):
                 atomic.torch_save(models.checkpoint_dict(scored, spec, extra), out / "model.pt")
