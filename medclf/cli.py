@@ -165,6 +165,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="auto (default); fp32; int8 with --engine openvino|onnx (quantized once, calibrated on the "
                         "run's training images); bf16/fp16 with --engine torch")
     add_inference_flags(p)
+    add_data_flags(p)  # with --split: how to read DATA when it differs from the run's
 
     p = sub.add_parser("export", help="the model as ONNX or TorchScript plus manifest.json, for use without medclf")
     p.add_argument("model", metavar="RUN_OR_MODEL")
@@ -252,7 +253,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     elif args.command == "predict":
         rows = medclf.predict(args.model, args.inputs, split=args.split, out=args.out, tta=args.tta,
                               device=args.device, precision=args.precision, skip_bad=args.skip_bad,
-                              engine=args.engine)
+                              engine=args.engine, **data_flags(args))
         print(f"{len(rows)} prediction(s) → {args.out}")
     elif args.command == "export":
         export_command(args)

@@ -35,18 +35,23 @@ def evaluate(run_or_model: str, data: str, split: str = "test", tta: bool = Fals
 
 def predict(run_or_model: str, inputs: list[str], split: str | None = None, out: str | None = "predictions.csv",
             tta: bool = False, device: str = "auto", precision: str = "auto", skip_bad: bool = False,
-            cache: bool = True, engine: str = "torch") -> list[dict]:
+            cache: bool = True, engine: str = "torch", **data_options: str | None) -> list[dict]:
     """Predictions for image files/folders, or for a split of DATA. Writes a CSV when `out` is given.
 
     engine: torch, onnx / openvino (ONNX Runtime / OpenVINO on the model's ONNX export) or auto; precision "int8"
-    runs the export's int8 quantization (see inference.load_for_inference)."""
+    runs the export's int8 quantization (see inference.load_for_inference). `data_options` (label-file columns,
+    images, group_pattern) describe DATA with `split`, overriding those the run trained with."""
+    given = sorted(k for k, v in data_options.items() if v is not None)
+    if given and split is None:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise MedclfError(f"{flags} tell(s) how to read DATA: add --split SPLIT to predict one of its splits")
     out_path = output_file(out, "--out", "the predictions CSV") if out else None
     loaded = load_for_inference(run_or_model, device, precision, engine)
     classes = loaded.ckpt["classes"]
     if split is not None:
         if len(inputs) != 1:
             raise MedclfError("--split takes exactly one DATA input")
-        store, kind = split_store(loaded.ckpt, inputs[0], split, skip_bad, cache)
+        store, kind = split_store(loaded.ckpt, inputs[0], split, skip_bad, cache, data_options)
     else:
         store, kind = input_store(loaded.ckpt, inputs, skip_bad), "folder"
     key = "index" if kind == "npz" else "path"

@@ -129,6 +129,15 @@ def test_train_on_csv_records_options_splits_groups_and_reruns_from_config(tmp_p
     assert main(["train", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "splits.csv").read_text() == (out / "splits.csv").read_text()
     assert main(["evaluate", str(out), str(table), "--split", "val"]) == 0
+    # predict reads a label file with other column names when told them (as evaluate and train do)
+    renamed = write_table(tmp_path / "renamed.csv", [{"file": r["img"], "Finding Labels": r["Finding Labels"],
+                                                      "Patient ID": r["Patient ID"]} for r in rows])
+    assert main(["predict", str(out), str(table), "--split", "val", "--out", str(tmp_path / "a.csv")]) == 0
+    assert main(["predict", str(out), str(renamed), "--split", "val", "--path-col", "file",
+                 "--out", str(tmp_path / "b.csv")]) == 0
+    first, second = (list(csv.DictReader(open(tmp_path / name))) for name in ("a.csv", "b.csv"))
+    assert len(first) > 0 and first == second
+    assert main(["predict", str(out), str(renamed), "--path-col", "file"]) == 2  # columns without --split: one line
     from medclf.data import dicom
     from medclf.models import read_checkpoint
 
