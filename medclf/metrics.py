@@ -246,7 +246,9 @@ def headline_ci(name: str, func: Metric, labels: np.ndarray, probs: np.ndarray, 
                 seed: int = 0) -> tuple[float, float]:
     """The 95% CI every page and file reports for a headline metric: for single-label accuracy (a proportion
     of images) the Wilson interval; balanced accuracy, macro F1 and AUC on a split they find perfect, the bound of
-    `perfect_split_ci`; else the percentile bootstrap over images."""
+    `perfect_split_ci`; else the percentile bootstrap over images, its lower end taken down to that bound (with
+    the errors seen) where there are fewer than FEW_ERRORS errors: resampling a handful of errors cannot show
+    how many new data would bring (one error made the interval narrower than none did)."""
     from .stats import proportion_ci
 
     labels, probs = np.asarray(labels), np.asarray(probs)
@@ -254,10 +256,15 @@ def headline_ci(name: str, func: Metric, labels: np.ndarray, probs: np.ndarray, 
         return proportion_ci(int((probs.argmax(1) == labels).sum()), len(labels))
     if labels.ndim == 1 and name in PERFECT_SPLIT_BOUND and _perfect_for(name, func, labels, probs):
         return perfect_split_ci(name, labels, probs.shape[1])
-    return bootstrap_ci(func, labels, probs, n_boot=n_boot, seed=seed)
+    low, high = bootstrap_ci(func, labels, probs, n_boot=n_boot, seed=seed)
+    if labels.ndim == 1 and name in PERFECT_SPLIT_BOUND and (probs.argmax(1) != labels).sum() < FEW_ERRORS:
+        bound, _ = perfect_split_ci(name, labels, probs.shape[1], probs.argmax(1))
+        low = min(low, bound)
+    return low, high
 
 
 PERFECT_SPLIT_BOUND = ("balanced_accuracy", "f1_macro", "auc")
+FEW_ERRORS = 5  # wrong images below which the bootstrap is too narrow (a normal approximation's usual ≥ 5 events)
 
 
 def _perfect_for(name: str, func: Metric, labels: np.ndarray, probs: np.ndarray) -> bool:
@@ -267,24 +274,30 @@ def _perfect_for(name: str, func: Metric, labels: np.ndarray, probs: np.ndarray)
     return bool((probs.argmax(1) == labels).all())
 
 
-def perfect_split_ci(name: str, labels: np.ndarray, k: int) -> tuple[float, float]:
+def perfect_split_ci(name: str, labels: np.ndarray, k: int, predicted: np.ndarray | None = None
+                     ) -> tuple[float, float]:
     """The 95% interval of a metric that is perfect on these images. Every bootstrap resample of a perfect split
     is perfect too, so the bootstrap's interval has zero width; instead each class's error rate is bounded by
     the Wilson interval of zero errors on its n_c images (about 3.8/n_c): balanced accuracy and macro F1 are at
     least the mean over classes of 1 − that bound, and a one-vs-rest AUC at least (1 − e_class)(1 − e_rest): the
-    share of pairs still ordered right when those shares of each side cross the separating threshold."""
+    share of pairs still ordered right when those shares of each side cross the separating threshold.
+    `predicted` (argmax classes): bound with the errors seen in each class instead of none."""
     from .stats import proportion_ci
 
-    def error_bound(n: int) -> float:
-        return 1.0 - proportion_ci(n, n)[0]
+    labels = labels.astype(int)
+    wrong = np.zeros(len(labels), bool) if predicted is None else np.asarray(predicted) != labels
 
-    counts = np.bincount(labels.astype(int), minlength=k)
+    def error_bound(members: np.ndarray) -> float:
+        n = int(members.sum())
+        return 1.0 - proportion_ci(n - int((wrong & members).sum()), n)[0]
+
+    counts = np.bincount(labels, minlength=k)
     present = [c for c in range(k) if counts[c] > 0]
     if name == "auc":
-        ordered = [(1 - error_bound(int(counts[c]))) * (1 - error_bound(int(len(labels) - counts[c])))
+        ordered = [(1 - error_bound(labels == c)) * (1 - error_bound(labels != c))
                    for c in ([1] if k == 2 else present)]
         return float(np.mean(ordered)), 1.0
-    return float(np.mean([1 - error_bound(int(counts[c])) for c in present])), 1.0
+    return float(np.mean([1 - error_bound(labels == c) for c in present])), 1.0
 
 
 def estimate(labels: np.ndarray, probs: np.ndarray, classes: list[str], method: str, n_boot: int = 1000,

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import atomic
 from .config import load_yaml
-from .metrics import METHOD_VAL_SELECTED
+from .metrics import FEW_ERRORS, METHOD_VAL_SELECTED
 
 CARD = "model_card.md"
 HEADLINE = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auc": "ROC AUC", "f1_macro": "macro F1"}
@@ -233,7 +233,8 @@ def _metrics_section(metrics: dict) -> str:
             "- Uncertainty: 95% confidence intervals: Wilson for accuracy (a proportion of images), else the "
             "percentile bootstrap (1000 resamples of the images); where a metric is perfect on a split (AUC: classes "
             "fully separated), whose resamples are then all perfect, the lower end comes from each class's Wilson "
-            "bound for zero errors.\n"
+            f"bound for zero errors (with 1 to {FEW_ERRORS - 1} wrong images, the lower end goes no higher than that "
+            "bound for the errors seen).\n"
             "- Calibration: top-label expected calibration error (ECE, 15 equal-width bins).\n"
             f"- Operating point: {point}.\n")
 

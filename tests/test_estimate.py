@@ -162,8 +162,33 @@ def test_perfect_split_cis_keep_the_error_each_class_cannot_rule_out(k):
         assert est[name]["value"] == 1.0, name
         assert est[name]["ci95"] == pytest.approx([low, 1.0]), name
         assert 0.9 < low < 1.0, name
-    one_wrong = probs.copy()
-    one_wrong[0] = np.roll(one_wrong[0], 1)  # one error: resamples differ, the bootstrap is meaningful again
     funcs = M.metric_functions([str(i) for i in range(k)])
-    assert M.headline_ci("f1_macro", funcs["f1_macro"], labels, one_wrong, n_boot=200) == \
-        bootstrap_ci(funcs["f1_macro"], labels, one_wrong, n_boot=200)
+    one_wrong = probs.copy()
+    one_wrong[0] = np.roll(one_wrong[0], 1)
+    for name in ("balanced_accuracy", "f1_macro", "auc"):
+        # one error: the bootstrap, its lower end no higher than the bound with that error; never narrower than none
+        low, high = M.headline_ci(name, funcs[name], labels, one_wrong, n_boot=200)
+        boot = bootstrap_ci(funcs[name], labels, one_wrong, n_boot=200)
+        with_error = M.perfect_split_ci(name, labels, k, one_wrong.argmax(1))[0]
+        assert high == boot[1] and low == min(boot[0], with_error), name
+        assert with_error < est[name]["ci95"][0] and low < est[name]["ci95"][0], name
+    many_wrong = probs.copy()
+    many_wrong[:M.FEW_ERRORS] = np.roll(many_wrong[:M.FEW_ERRORS], 1, axis=1)  # enough errors: the plain bootstrap
+    assert M.headline_ci("f1_macro", funcs["f1_macro"], labels, many_wrong, n_boot=200) == \
+        bootstrap_ci(funcs["f1_macro"], labels, many_wrong, n_boot=200)
+
+
+def test_a_nearly_perfect_auc_is_not_given_a_zero_width_interval():
+    """MedNIST-like: 5,895 images, one wrong, AUC just below 1. The bootstrap alone gave [0.9999993, 1], which a
+    new sample's 0.99998 fell outside; the interval now reaches at least as low as with no error at all."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(6), 5895 // 6 + 1)[:5895]
+    probs = np.eye(6)[labels] * 0.9 + 0.1 / 6 + rng.uniform(0, 0.01, (5895, 6))
+    probs[0] = np.roll(probs[0], 1)  # one image scored as the next class
+    probs /= probs.sum(1, keepdims=True)
+    auc = M.metric_functions([str(i) for i in range(6)])["auc"]
+    assert 0.9999 < auc(labels, probs) < 1.0
+    assert bootstrap_ci(auc, labels, probs, n_boot=200)[0] > 0.9995  # what was reported before
+    low, high = M.headline_ci("auc", auc, labels, probs, n_boot=200)
+    assert high == 1.0 or high == pytest.approx(1.0)
+    assert low <= M.perfect_split_ci("auc", labels, 6)[0] < 0.999

@@ -281,7 +281,8 @@ def _metrics_tables(evaluated: dict, classes: list[str], n_boot: int) -> str:
     note = (f'<p class="muted">Accuracy: the Wilson interval (a proportion of images); the others: percentile '
             f'bootstrap over images, {n_boot} resamples, except where the metric is perfect (AUC: classes fully '
             f'separated), where every resample is '
-            f'perfect too and each class\'s Wilson bound for zero errors sets the lower end. Binary tasks: the '
+            f'perfect too and each class\'s Wilson bound for zero errors sets the lower end (with under '
+            f'{metrics.FEW_ERRORS} wrong images, no higher than that bound for the errors seen). Binary tasks: the '
             "threshold on P(class 1) is chosen on validation by Youden's J; the other rows use the most probable "
             "class.</p>")
     return H.table(["split"] + list(HEADLINE.values()), rows) + note
