@@ -254,12 +254,13 @@ def headline_ci(name: str, func: Metric, labels: np.ndarray, probs: np.ndarray, 
     labels, probs = np.asarray(labels), np.asarray(probs)
     if name == "accuracy" and labels.ndim == 1:
         return proportion_ci(int((probs.argmax(1) == labels).sum()), len(labels))
-    if labels.ndim == 1 and name in PERFECT_SPLIT_BOUND and _perfect_for(name, func, labels, probs):
+    bounded = labels.ndim == 1 and name in PERFECT_SPLIT_BOUND
+    if bounded and _perfect_for(name, func, labels, probs):
         return perfect_split_ci(name, labels, probs.shape[1])
     low, high = bootstrap_ci(func, labels, probs, n_boot=n_boot, seed=seed)
-    if labels.ndim == 1 and name in PERFECT_SPLIT_BOUND and (probs.argmax(1) != labels).sum() < FEW_ERRORS:
-        bound, _ = perfect_split_ci(name, labels, probs.shape[1], probs.argmax(1))
-        low = min(low, bound)
+    predicted = probs.argmax(1) if bounded else None
+    if bounded and (predicted != labels).sum() < FEW_ERRORS:
+        low = min(low, perfect_split_ci(name, labels, probs.shape[1], predicted)[0])
     return low, high
 
 

@@ -522,9 +522,9 @@ def _interrupted_message(out: Path, saved_in: Path | None = None, nproc: int = 1
 
 
 def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig, device, precision, channels_last,
-               kept: str | None = None) -> dict:
+               kept: str) -> dict:
     """Evaluate the kept checkpoint on val (choosing the binary threshold and giving the estimate) and test;
-    write metrics and plots. `kept`: which weights fit kept ("best" or "final"; default: cfg.checkpoint)."""
+    write metrics and plots. `kept`: which weights fit kept ("best" or "final")."""
     model, ckpt = models.load_model(out / "model.pt")
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     results, curves = {}, {}
@@ -544,7 +544,7 @@ def finish_run(out: Path, stores: dict[str, Store], spec: dict, cfg: TrainConfig
         ckpt["thresholds" if tasks.is_multilabel(spec) else "threshold"] = threshold
         atomic.torch_save(ckpt, out / "model.pt")
     if "val" in curves and len(curves["val"][0]):
-        method = METHOD_VAL if (kept or cfg.checkpoint) == "final" else METHOD_VAL_SELECTED
+        method = METHOD_VAL if kept == "final" else METHOD_VAL_SELECTED
         results["estimate"] = estimate(*curves["val"], spec["classes"], method, cis=results["val"]["ci95"])
     results = json_safe(results)
     atomic.write_text(out / "metrics.json", json.dumps(results, indent=2))
