@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from medclf.data.augment import PRESETS, AugmentPreset, affine_matrices, geometric, prepare_batch, random_erase
@@ -89,15 +90,16 @@ def test_rotation_adds_no_black_corners():
     torch.testing.assert_close(out, torch.full_like(out, 200 / 255))
 
 
-def test_center_crop_shares_one_grid_and_equals_a_grid_per_image():
-    """center_crop computes its sampling grid once for the batch (the exported graph then does too); the pixels
-    are exactly those of torch's own per-image grids."""
+@pytest.mark.parametrize("channels", [1, 3])
+def test_center_crop_shares_one_grid_and_equals_a_grid_per_image(channels):
+    """center_crop computes its sampling grid once and samples the batch as the channels of one image (the
+    exported graph then does too); the pixels are exactly those of torch's own per-image grids."""
     import torch.nn.functional as F
 
     from medclf.data.augment import center_crop
 
-    x = torch.rand(5, 1, 60, 60, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(5, channels, 60, 60, generator=torch.Generator().manual_seed(0))
     theta = torch.tensor([[0.875, 0.0, 0.0], [0.0, 0.875, 0.0]]).expand(5, 2, 3)
-    grid = F.affine_grid(theta, [5, 1, 32, 32], align_corners=False)
+    grid = F.affine_grid(theta, [5, channels, 32, 32], align_corners=False)
     expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     assert torch.equal(center_crop(x, 32, 0.875), expected)
