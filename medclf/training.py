@@ -312,7 +312,7 @@ def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool
     fitted = fit(cfg, spec, base, stores["train"], stores["val"], out, env, state, resolved)
     if world.is_main and not (out / "model.pt").is_file():
         raise MedclfError(f"training produced no usable checkpoint in {out}: the validation loss was not finite in any "
-                          f"of {len(fitted['history'])} epoch(s) (the model diverged); try a lower --lr")
+                          f"of {len(fitted['history'])} epoch(s) (the model diverged); try a lower --lr or --weight-decay")
     # rank 0 evaluates and writes the run's files; the others wait for its metrics
     metrics = distributed.from_main(world, lambda: finish_run(out, stores, spec, cfg, device, precision, channels_last,
                                                                 kept=fitted["kept"]))

@@ -156,10 +156,16 @@ def test_torchscript_export_reproduces_predict(tiny_run, tmp_path):
     np.testing.assert_allclose(exported, loaded.predict(store), atol=PARITY)
 
 
-def test_ensemble_exports_as_one_graph_of_mean_probabilities(tiny_run, tmp_path):
+def two_member_ensemble(tiny_run: Path, path: Path) -> tuple[dict, dict]:
+    """The tiny run and a copy with its weights scaled by 0.9, saved as one ensemble checkpoint at `path`."""
     ckpt = read_checkpoint(tiny_run)
     other = {**ckpt, "state_dict": {k: v * 0.9 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}}
-    torch.save(ensemble_checkpoint([ckpt, other]), tmp_path / "model.pt")
+    torch.save(ensemble_checkpoint([ckpt, other]), path)
+    return ckpt, other
+
+
+def test_ensemble_exports_as_one_graph_of_mean_probabilities(tiny_run, tmp_path):
+    ckpt, other = two_member_ensemble(tiny_run, tmp_path / "model.pt")
     data = str(tiny_run.parent / "data" / "val")
     manifest = medclf.export(tmp_path / "model.pt", out=tmp_path / "export")
     assert manifest["model"]["ensemble_members"] == 2
@@ -383,9 +389,7 @@ def test_int8_keeps_every_ensemble_members_stem_and_the_preprocessing_in_float(t
 
     from medclf.quantize import float_nodes
 
-    ckpt = read_checkpoint(tiny_run)
-    other = {**ckpt, "state_dict": {k: v * 0.9 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}}
-    torch.save(ensemble_checkpoint([ckpt, other]), tmp_path / "model.pt")
+    two_member_ensemble(tiny_run, tmp_path / "model.pt")
     medclf.export(tmp_path / "model.pt", out=tmp_path / "export")
     nodes = onnx.load(str(tmp_path / "export" / "model.onnx"), load_external_data=False).graph.node
     kinds = {node.name: node.op_type for node in nodes}
