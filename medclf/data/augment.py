@@ -111,8 +111,8 @@ def geometric(x: torch.Tensor, size: int, preset: AugmentPreset, generator: torc
 def center_crop(x: torch.Tensor, size: int, crop: float) -> torch.Tensor:
     """The centre crop·H × crop·W of a float batch, resized to S×S with the sampler training uses.
     Every image has the same crop, so the sampling grid is computed once and the batch sampled as the channels
-    of one image (in an exported graph too, where a grid per image cost a sixth of int8 inference, and a
-    shared grid expanded to the batch still a twentieth)."""
+    of one image (in an exported graph too, where a grid per image, or one grid expanded to the batch, cost a
+    visible share of int8 inference: README, Inference engines)."""
     theta = torch.tensor([[[crop, 0.0, 0.0], [0.0, crop, 0.0]]])
     return resample(x, size, theta)
 
