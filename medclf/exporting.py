@@ -43,8 +43,8 @@ EXAMPLE_BATCH = 2
 class SpaceToDepthStem(nn.Module):
     """A 7×7 stride-2 convolution (ResNet's ImageNet stem) computed as a 4×4 stride-1 convolution over 2×2
     pixel blocks: the same sums (the kernel padded to 8×8 with zero taps), so the same output up to float
-    rounding. The stem stays in float even in an int8 graph (quantize.float_nodes), and the engines' float
-    kernels use one input channel poorly; four (a 2×2 block per channel) suit them better. The same
+    rounding. The engines' convolution kernels, float and int8, use one input channel poorly; four (a 2×2
+    block per channel) suit them better (README, Inference engines). The same
     rewrite is known from TPU ResNet-50 training ("space-to-depth" conv0)."""
 
     def __init__(self, conv: nn.Conv2d):

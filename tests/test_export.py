@@ -384,16 +384,29 @@ def test_deployable_rewrites_every_imagenet_stem_and_leaves_the_callers_model_al
         torch.testing.assert_close(rewritten(x), ensemble(x), rtol=1e-4, atol=1e-5)
 
 
-def test_int8_keeps_every_ensemble_members_stem_and_the_preprocessing_in_float(tiny_run, tmp_path):
+def test_int8_quantizes_every_convolution_and_keeps_the_preprocessing_in_float(tiny_run, tmp_path):
     import onnx
 
-    from medclf.quantize import float_nodes
+    from medclf.quantize import float_nodes_and_stem_weights
 
     two_member_ensemble(tiny_run, tmp_path / "model.pt")
     medclf.export(tmp_path / "model.pt", out=tmp_path / "export")
     nodes = onnx.load(str(tmp_path / "export" / "model.onnx"), load_external_data=False).graph.node
     kinds = {node.name: node.op_type for node in nodes}
-    kept = float_nodes(tmp_path / "export" / "model.onnx")
-    assert [kinds[name] for name in kept].count("Conv") == 2  # one stem per member, no deeper convolution
-    assert sum(kind == "Conv" for kind in kinds.values()) > 2 * 10  # the rest of ResNet-18 is quantized
+    kept, stems = float_nodes_and_stem_weights(tmp_path / "export" / "model.onnx")
+    assert "Conv" not in [kinds[name] for name in kept]  # both members' stems included
+    assert sum(kind == "Conv" for kind in kinds.values()) > 2 * 10  # two whole ResNet-18s
     assert "GridSample" in [kinds[name] for name in kept] and kinds[kept[-1]] in ("Softmax", "Sigmoid")
+    assert len(stems) == 2 and len(set(stems)) == 2  # one stem per member gets 7-bit weights
+    preprocessed = {out for node in nodes if node.name in kept for out in node.output}
+    assert all(node.input[0] in preprocessed for node in nodes if node.op_type == "Conv" and node.input[1] in stems)
+
+
+def test_int8_tolerance_holds_a_change_of_exactly_the_limit():
+    from medclf.quantize import within_tolerance
+
+    tolerance = {"accuracy": 0.01, "auc": 0.005}
+    one_image_of_100 = 0.87 - 0.86  # 0.010000000000000009 in float
+    assert within_tolerance({"accuracy": one_image_of_100, "auc": -0.005}, tolerance)
+    assert not within_tolerance({"accuracy": 0.02, "auc": 0.0}, tolerance)
+    assert not within_tolerance({"accuracy": 0.0, "auc": None}, tolerance)
