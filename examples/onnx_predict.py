@@ -1,10 +1,11 @@
-"""Class probabilities from a `medclf export` folder with ONNX Runtime, NumPy and Pillow only (no medclf, no torch).
+"""Class probabilities from a `medclf export` folder with ONNX Runtime, NumPy and Pillow only (no medclf, no torch;
+pydicom too for DICOM files).
 
     python examples/onnx_predict.py EXPORT_DIR image.png folder/ ... [--out predictions.csv]
     python examples/onnx_predict.py EXPORT_DIR data.npz:val          # the rows of val_images in a MedMNIST .npz
 
 It decodes each image the way manifest.json's "decode" section says (what medclf does before the
-model), stacks them into the uint8 N×C×H×W batch the graph takes, and writes one CSV row per image:
+model; DICOM files by its "dicom" mapping steps), stacks them into the uint8 N×C×H×W batch the graph takes, and writes one CSV row per image:
 path (or npz row index), prediction, prob_<class>..., the same columns as `medclf predict`.
 """
 from __future__ import annotations
@@ -20,24 +21,73 @@ import onnxruntime as ort
 from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
 GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def decode(path: Path, size: int, channels: int) -> np.ndarray:
     """One image file → uint8 C×size×size, following the manifest's decode steps."""
-    with Image.open(path) as img:
-        img.draft(None, (size, size))
-        img = to_8bit(ImageOps.exif_transpose(img))
-        if img.size != (size, size):
-            w, h = img.size
-            side = min(w, h)
-            left, top = (w - side) // 2, (h - side) // 2
-            img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side),
-                             reducing_gap=2.0)
-        array = np.asarray(img)
+    if is_dicom(path):
+        img = Image.fromarray(dicom_to_8bit(path))
+    else:
+        with Image.open(path) as opened:
+            opened.draft(None, (size, size))
+            img = to_8bit(ImageOps.exif_transpose(opened))
+    if img.size != (size, size):
+        w, h = img.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side),
+                         reducing_gap=2.0)
+    array = np.asarray(img)
     if array.ndim == 3 and (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all():
         array = array[..., 0]
     return to_channels(array[None] if array.ndim == 2 else array.transpose(2, 0, 1), channels)
+
+
+def is_dicom(path: Path) -> bool:
+    """A .dcm/.dicom file, or one named without an image extension (none, or a number) that starts like DICOM."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    if path.suffix and not path.suffix[1:].isdigit():
+        return False
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
+def dicom_to_8bit(path: Path) -> np.ndarray:
+    """The manifest's "dicom" mapping steps: a single-frame DICOM as uint8 H×W (or H×W×3 colour)."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+
+    ds = pydicom.dcmread(path)
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise SystemExit(f"{path}: multi-frame DICOM; export the frame to classify as its own file")
+    values = ds.pixel_array
+    if values.ndim == 3:  # colour: 8-bit unchanged, wider data min..max
+        return values if values.dtype == np.uint8 else linear(values, values.min(), values.max())
+    values = apply_modality_lut(values, ds)
+    if ds.get("VOILUTSequence"):  # the first VOI LUT, its whole output range onto 0..255
+        item = ds.VOILUTSequence[0]
+        entries, first = int(item.LUTDescriptor[0]) or 2**16, int(item.LUTDescriptor[1])
+        lut = apply_voi(np.arange(first, first + entries), ds)
+        gray = linear(apply_voi(np.rint(values).astype(np.int64), ds), lut.min(), lut.max())
+    elif "WindowCenter" in ds and "WindowWidth" in ds:  # the first window, its output range onto 0..255
+        low, high = apply_windowing(np.array([-1e12, 1e12]), ds)
+        gray = linear(apply_windowing(values, ds), low, high)
+    elif values.dtype == np.uint8:
+        gray = values
+    else:
+        gray = linear(values, values.min(), values.max())
+    return 255 - gray if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1" else gray
+
+
+def linear(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """low..high onto 0..255, rounded and clipped (all 0 when the range is empty)."""
+    low, high = float(low), float(high)
+    if high <= low:
+        return np.zeros(np.shape(values), np.uint8)
+    return np.clip(np.rint((np.asarray(values, np.float64) - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
 
 
 def to_8bit(img: Image.Image) -> Image.Image:
@@ -81,7 +131,8 @@ def image_files(inputs: list[str]) -> list[Path]:
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")
+                            and (p.suffix.lower() in IMAGE_SUFFIXES or is_dicom(p)))
         else:
             files.append(item)
     return files

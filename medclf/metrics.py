@@ -246,7 +246,7 @@ def headline_ci(name: str, func: Metric, labels: np.ndarray, probs: np.ndarray, 
                 seed: int = 0) -> tuple[float, float]:
     """The 95% CI every page and file reports for a headline metric: for single-label accuracy (a proportion
     of images) the Wilson interval; balanced accuracy, macro F1 and AUC on a split they find perfect, the bound of
-    `perfect_split_ci`; else the percentile bootstrap over images, its lower end taken down to that bound (with
+    `class_wilson_bound`; else the percentile bootstrap over images, its lower end taken down to that bound (with
     the errors seen) where there are fewer than FEW_ERRORS errors: resampling a handful of errors cannot show
     how many new data would bring (one error made the interval narrower than none did)."""
     from .stats import proportion_ci
@@ -256,11 +256,11 @@ def headline_ci(name: str, func: Metric, labels: np.ndarray, probs: np.ndarray, 
         return proportion_ci(int((probs.argmax(1) == labels).sum()), len(labels))
     bounded = labels.ndim == 1 and name in PERFECT_SPLIT_BOUND
     if bounded and _perfect_for(name, func, labels, probs):
-        return perfect_split_ci(name, labels, probs.shape[1])
+        return class_wilson_bound(name, labels, probs.shape[1])
     low, high = bootstrap_ci(func, labels, probs, n_boot=n_boot, seed=seed)
     predicted = probs.argmax(1) if bounded else None
     if bounded and (predicted != labels).sum() < FEW_ERRORS:
-        low = min(low, perfect_split_ci(name, labels, probs.shape[1], predicted)[0])
+        low = min(low, class_wilson_bound(name, labels, probs.shape[1], predicted)[0])
     return low, high
 
 
@@ -275,7 +275,7 @@ def _perfect_for(name: str, func: Metric, labels: np.ndarray, probs: np.ndarray)
     return bool((probs.argmax(1) == labels).all())
 
 
-def perfect_split_ci(name: str, labels: np.ndarray, k: int, predicted: np.ndarray | None = None
+def class_wilson_bound(name: str, labels: np.ndarray, k: int, predicted: np.ndarray | None = None
                      ) -> tuple[float, float]:
     """The 95% interval of a metric that is perfect on these images. Every bootstrap resample of a perfect split
     is perfect too, so the bootstrap's interval has zero width; instead each class's error rate is bounded by

@@ -143,7 +143,7 @@ def test_accuracy_ci_stays_honest_when_the_split_has_no_errors():
 
 
 @pytest.mark.parametrize("k", [2, 6])
-def test_perfect_split_cis_keep_the_error_each_class_cannot_rule_out(k):
+def test_class_wilson_bounds_keep_the_error_each_class_cannot_rule_out(k):
     """Balanced accuracy, macro F1 and AUC on a perfect split: not the bootstrap's zero-width [1, 1] but a lower
     end from each class's Wilson bound for zero errors; one error brings back the ordinary bootstrap."""
     from scipy.stats import binomtest
@@ -169,7 +169,7 @@ def test_perfect_split_cis_keep_the_error_each_class_cannot_rule_out(k):
         # one error: the bootstrap, its lower end no higher than the bound with that error; never narrower than none
         low, high = M.headline_ci(name, funcs[name], labels, one_wrong, n_boot=200)
         boot = bootstrap_ci(funcs[name], labels, one_wrong, n_boot=200)
-        with_error = M.perfect_split_ci(name, labels, k, one_wrong.argmax(1))[0]
+        with_error = M.class_wilson_bound(name, labels, k, one_wrong.argmax(1))[0]
         assert high == boot[1] and low == min(boot[0], with_error), name
         assert with_error < est[name]["ci95"][0] and low < est[name]["ci95"][0], name
     many_wrong = probs.copy()
@@ -191,4 +191,4 @@ def test_a_nearly_perfect_auc_is_not_given_a_zero_width_interval():
     assert bootstrap_ci(auc, labels, probs, n_boot=200)[0] > 0.9995  # what was reported before
     low, high = M.headline_ci("auc", auc, labels, probs, n_boot=200)
     assert high == 1.0 or high == pytest.approx(1.0)
-    assert low <= M.perfect_split_ci("auc", labels, 6)[0] < 0.999
+    assert low <= M.class_wilson_bound("auc", labels, 6)[0] < 0.999

@@ -139,6 +139,27 @@ def test_plain_onnxruntime_script_reproduces_predict(onnx_export, tiny_run, tmp_
     assert_same_probabilities(expected, run_example(onnx_export, [str(data)], tmp_path / "onnx.csv"))
 
 
+def test_plain_onnxruntime_script_reads_dicom_as_medclf_does(onnx_export, tiny_run, tmp_path):
+    """Every DICOM kind medclf maps (8/12-bit, windowed, rescaled, MONOCHROME1, colour, no extension) gives the
+    example script medclf predict's probabilities."""
+    from dicomfiles import KINDS, write_dicom, write_kind
+
+    rows, cols = np.mgrid[0:40, 0:52]
+    gray = ((rows * 5 + cols * 3) % 256).astype(np.uint8)  # not square: the centre crop runs too
+    folder = tmp_path / "dicom"
+    for kind in KINDS:
+        write_kind(folder / f"{kind}.dcm", gray, kind)
+    wide = (gray.astype(np.uint16) * 9 + 100)  # no window: min..max of the image's own values
+    write_dicom(folder / "wide.dcm", wide, bits_stored=12)
+    write_dicom(folder / "rescaled.dcm", wide, bits_stored=12, window=(1200.0, 1500.0),
+                RescaleSlope="0.5", RescaleIntercept="-20")
+    write_dicom(folder / "1.2.840.1", wide, "MONOCHROME1", bits_stored=12)  # a UID name, no image extension
+    assert main(["predict", str(tiny_run), str(folder), "--out", str(tmp_path / "torch.csv")]) == 0
+    expected = probabilities(tmp_path / "torch.csv")
+    assert len(expected) == len(KINDS) + 3
+    assert_same_probabilities(expected, run_example(onnx_export, [str(folder)], tmp_path / "onnx.csv"))
+
+
 def test_default_export_folder_is_beside_the_run(tiny_run):
     manifest = medclf.export(tiny_run)
     assert Path(manifest["folder"]) == tiny_run.with_name(tiny_run.name + "-export")
