@@ -276,7 +276,7 @@ def _perfect_for(name: str, func: Metric, labels: np.ndarray, probs: np.ndarray)
 
 
 def class_wilson_bound(name: str, labels: np.ndarray, k: int, predicted: np.ndarray | None = None
-                     ) -> tuple[float, float]:
+                       ) -> tuple[float, float]:
     """The 95% interval of a metric that is perfect on these images. Every bootstrap resample of a perfect split
     is perfect too, so the bootstrap's interval has zero width; instead each class's error rate is bounded by
     the Wilson interval of zero errors on its n_c images (about 3.8/n_c): balanced accuracy and macro F1 are at

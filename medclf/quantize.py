@@ -53,8 +53,8 @@ def quantize_int8(fp32_path: Path, int8_path: Path, ckpt: dict[str, Any], data: 
         # the stems' weights in 7 bits (reduce_range): CPUs without VNNI (AVX2, plain AVX512) multiply uint8
         # activations by int8 weights with VPMADDUBSW, whose int16 sum of two products saturates; ONNX Runtime
         # and OpenVINO both use it there. The stem reads the normalised image, dense over the whole uint8 range,
-        # where deeper convolutions read sparse post-ReLU maps: with 8-bit stem weights a trained model's
-        # probabilities moved by up to 0.3 (README, Inference engines). Deeper weights keep their 8 bits.
+        # where deeper convolutions read sparse post-ReLU maps: with 8-bit stem weights trained models'
+        # probabilities moved by up to 0.5 (README, Inference engines). Deeper weights keep their 8 bits.
         overrides = {name: [{"reduce_range": True, "axis": 0}] for name in stems}
         quantize_static(str(prepared), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=kept,
