@@ -37,6 +37,10 @@ INT8_FILE = "model.int8.onnx"
 # int8 is recommended (manifest "recommended_model") only when validation accuracy and AUC move by no more
 # than this, up or down
 INT8_TOLERANCE = {"accuracy": 0.01, "auc": 0.005}
+# how the graph is built from a checkpoint (Deployable, the stem rewrite) and how int8 is quantized from it
+# (quantize.py): bump on any change, so the engines' cached exports (cached_onnx) are made again, not reused
+GRAPH_RECIPE = "graph-3: space-to-depth stem, crop sampled as channels"
+INT8_RECIPE = "int8-3: every conv, 7-bit stem weights"
 EXAMPLE_BATCH = 2
 
 
@@ -183,12 +187,15 @@ def write_torchscript(deployable: Deployable, ckpt: dict[str, Any], path: Path) 
 def cached_onnx(ckpt: dict[str, Any], model_path: Path) -> Path:
     """The checkpoint's ONNX export in the medclf data folder, exported on first use.
 
-    Keyed by what the graph computes (weights, input rule, medclf version), so a retrained or changed
-    model never reuses an old export, and every run of the same model shares one."""
+    Keyed by what the graph computes: the weights, the input rule (manifest "input" and "preprocessing"),
+    the task, the medclf version and how the graph and its int8 copy are made (GRAPH_RECIPE, INT8_RECIPE), so
+    a retrained or changed model, or a changed export, never reuses an old file, and every run of the same
+    model shares one."""
     from .data.named import data_home
 
     manifest = build_manifest(ckpt)
     keyed = {key: manifest[key] for key in ("input", "preprocessing", "task", "weights_sha256", "medclf_version")}
+    keyed["recipes"] = [GRAPH_RECIPE, INT8_RECIPE]
     key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:24]
     path = data_home() / "exports" / key / FORMATS["onnx"]
     if not path.is_file():

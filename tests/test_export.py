@@ -289,6 +289,18 @@ def test_engine_export_is_cached_by_weights(tiny_run, tmp_path):
     assert cached_onnx(changed, tmp_path / "model.pt") != first
 
 
+@pytest.mark.parametrize("recipe", ["GRAPH_RECIPE", "INT8_RECIPE"])
+def test_engine_export_is_made_again_when_the_export_changes(tiny_run, monkeypatch, recipe):
+    """medclf's version string need not change between builds: a new way of building the graph or of
+    quantizing it must not find the old files."""
+    from medclf import exporting
+
+    ckpt = read_checkpoint(tiny_run)
+    first = cached_onnx(ckpt, resolve_model_path(tiny_run))
+    monkeypatch.setattr(exporting, recipe, getattr(exporting, recipe) + " changed")
+    assert cached_onnx(ckpt, resolve_model_path(tiny_run)) != first
+
+
 # --- int8 ----------------------------------------------------------------------------------------------------------
 
 def test_int8_export_reports_validation_change_and_speed(tiny_run, tmp_path):
