@@ -277,6 +277,14 @@ def test_int8_engines_agree_and_stay_close_to_fp32(tiny_run, tmp_path, capsys):
     assert np.abs(v - f).max() < 0.02 and np.abs(o - f).max() < 0.02  # int8 rounding, not another model
     assert not np.allclose(o, f, atol=1e-6) and not np.allclose(v, f, atol=1e-6)  # really int8
     assert len(np.unique(v[:, 1])) > len(v) // 2  # probabilities in float, not multiples of 1/255
+    import onnx
+    from onnx import numpy_helper
+
+    weights = {w.name: numpy_helper.to_array(w) for w in onnx.load(str(int8_file)).graph.initializer
+               if w.data_type == onnx.TensorProto.INT8 and w.dims and len(w.dims) == 4}
+    stem = [w for name, w in weights.items() if name.startswith("model.conv1.")]
+    assert len(stem) == 1 and np.abs(stem[0].astype(int)).max() <= 64  # 7-bit: no VPMADDUBSW saturation
+    assert max(np.abs(w.astype(int)).max() for w in weights.values()) == 127  # the deeper layers keep 8 bits
 
 
 def test_engine_export_is_cached_by_weights(tiny_run, tmp_path):
