@@ -144,11 +144,8 @@ def predict_all(world: World, model: nn.Module, store, predict: Callable[[nn.Mod
     every rank (rank 0's model: the ranks' BatchNorm statistics are made rank 0's first)."""
     if not world.active:
         return predict(model, store)
-    from .data.store import Store
-
     sync_buffers(world, model)
-    part = block(len(store), world)
-    probs = predict(model, Store(store.images[part], store.labels[part], store.ids[part]))
+    probs = predict(model, store.block(block(len(store), world)))
     parts: list[Any] = [None] * world.size
     dist.all_gather_object(parts, probs)
     return np.concatenate(parts)

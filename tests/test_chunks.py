@@ -15,7 +15,7 @@ from medclf import training
 from medclf.cli import main
 from medclf.data import sources
 from medclf.data.chunks import MIX, RAM_ENV, ChunkReader, data_ram_budget
-from medclf.data.store import build_store
+from medclf.data.store import Store, build_store
 
 from conftest import make_split_folder, write_class_folders
 
@@ -85,6 +85,22 @@ def test_each_rank_of_a_sharded_chunked_order_reads_each_chunk_once(tmp_path):
         shard = order[rank::world]
         read_epoch(reader, shard, 16)
         assert reader.loads == len(torch.unique(shard // chunk))  # each chunk of the shard once
+
+
+def test_a_block_of_a_disk_store_reads_its_rows_through_a_chunk_reader(tmp_path):
+    """What each rank predicts under torchrun (distributed.block): the same images, read in chunks, not through
+    a bare memory map."""
+    n = 100
+    images = np.load(write_npy(tmp_path / "s.npy", n, (1, 2, 2)), mmap_mode="r")
+    store = Store(images, torch.arange(n), [f"i{k}" for k in range(n)], reader_of(tmp_path / "s.npy", 16))
+    part = store.block(slice(37, 81))
+    assert part.reader is not None and part.chunk == 16 and len(part) == 44 and part.ids[0] == "i37"
+    idx = torch.tensor([43, 0, 5, 20])
+    assert np.array_equal(part.take(idx).numpy(), store.take(idx + 37).numpy())
+    assert part.take(idx)[:, 0, 0, 0].tolist() == [(k + 37) % 251 for k in idx.tolist()]
+    assert part.labels.tolist() == list(range(37, 81))
+    in_memory = Store(torch.from_numpy(np.array(images)), torch.arange(n), [f"i{k}" for k in range(n)])
+    assert torch.equal(in_memory.block(slice(37, 81)).take(idx), part.take(idx))
 
 
 def test_chunked_order_keeps_the_class_balanced_sample_and_mixes_chunks():

@@ -57,6 +57,17 @@ class Store:
     def size(self) -> int:
         return int(self.images.shape[-1])
 
+    def block(self, rows: slice) -> Store:
+        """The images of a contiguous range of rows as a store of their own, read as this store reads them: a
+        store in its file keeps a chunk reader over just those rows (not a bare memory map)."""
+        start, stop, step = rows.indices(len(self))
+        assert step == 1, "a block is contiguous"
+        reader = None
+        if self.reader is not None:
+            r = self.reader
+            reader = ChunkReader(r.path, r.offset + start * r.row_bytes, (stop - start, *r.shape[1:]), r.chunk)
+        return Store(self.images[start:stop], self.labels[start:stop], self.ids[start:stop], reader)
+
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """The uint8 images at idx (a 1-D index tensor)."""
         if isinstance(self.images, torch.Tensor):  # on the host, or on the GPU it was placed on (placement.py)
