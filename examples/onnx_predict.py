@@ -5,8 +5,9 @@ pydicom too for DICOM files).
     python examples/onnx_predict.py EXPORT_DIR data.npz:val          # the rows of val_images in a MedMNIST .npz
 
 It decodes each image the way manifest.json's "decode" section says (what medclf does before the
-model; DICOM files by its "dicom" mapping steps), stacks them into the uint8 N×C×H×W batch the graph takes, and writes one CSV row per image:
-path (or npz row index), prediction, prob_<class>..., the same columns as `medclf predict`.
+model; DICOM files by its "dicom" mapping steps), stacks them into the uint8 N×C×H×W batch the graph
+takes, and writes one CSV row per image: path (or npz row index), prediction, prob_<class>..., the same
+columns as `medclf predict`.
 """
 from __future__ import annotations
 
