@@ -75,7 +75,7 @@ def assign_folds(labels: np.ndarray, groups: list[str] | None, k: int, seed: int
 def train_folds(cfg: TrainConfig, source, stores: dict[str, Store], spec: dict, base: dict | None, env: dict,
                 out: Path, resolved: dict) -> dict:
     """Cross-validate, write the run's files, return {"out", "metrics", "history"} like a single run."""
-    from .training import fit, read_fold_state  # training imports this module lazily: no cycle at import time
+    from .training import DIVERGED, fit, read_fold_state  # training imports this module lazily: no cycle at import time
 
     k = cfg.folds
     everything, origin = pool(stores)
@@ -110,7 +110,7 @@ def train_folds(cfg: TrainConfig, source, stores: dict[str, Store], spec: dict, 
                 resolved, desc=f"fold {f + 1}/{k} ", resume_dir=out)
         if not (fold_dir / "model.pt").is_file():
             raise MedclfError(f"fold {f + 1} produced no usable checkpoint in {fold_dir}: its validation loss was not "
-                              f"finite in any epoch (the model diverged); try a lower --lr or --weight-decay")
+                              f"finite in any epoch {DIVERGED}")
         model, ckpt = models.load_model(fold_dir / "model.pt")
         model = model.to(env["device"], memory_format=torch.channels_last if env["channels_last"] else torch.contiguous_format)
         oof[held] = predict_store(model, held_part, spec, env["device"], env["precision"], env["channels_last"],

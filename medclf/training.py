@@ -32,6 +32,7 @@ from .metrics import METHOD_VAL, METHOD_VAL_SELECTED, estimate, evaluate_predict
 from .model_card import headline_intervals
 from .serialize import json_safe, plain
 
+DIVERGED = "(the model diverged); try a lower --lr or --weight-decay"  # the end of a no-checkpoint error
 SATURATED = "validation saturated"  # how a stop reason starts when validation had (almost) no errors left
 PROGRESS_EVERY = 25  # steps between the progress bar's loss updates: each one waits for the GPU to catch up
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_auc",
@@ -312,7 +313,7 @@ def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool
     fitted = fit(cfg, spec, base, stores["train"], stores["val"], out, env, state, resolved)
     if world.is_main and not (out / "model.pt").is_file():
         raise MedclfError(f"training produced no usable checkpoint in {out}: the validation loss was not finite in any "
-                          f"of {len(fitted['history'])} epoch(s) (the model diverged); try a lower --lr or --weight-decay")
+                          f"of {len(fitted['history'])} epoch(s) {DIVERGED}")
     # rank 0 evaluates and writes the run's files; the others wait for its metrics
     metrics = distributed.from_main(world, lambda: finish_run(out, stores, spec, cfg, device, precision, channels_last,
                                                                 kept=fitted["kept"]))
