@@ -310,14 +310,32 @@ def _probe_row(stem: str, size: int, measured: dict, n_train: int, n_val: int, b
     return {"stem": stem, "size": size, **measured, "epoch_s": round(epoch_s, 1), "epochs_in_budget": fit}
 
 
+LARGE_TRAIN = 20_000  # training images from which the size must fit SIZE_HEADROOM times the minimum epochs
+SIZE_HEADROOM = 2  # (see size_epochs)
+
+
+def size_epochs(n_train: int) -> tuple[int, str]:
+    """Epochs the chosen input size must fit in the budget, and why. Large data trains for its minimum of 3
+    epochs when validation saturates early (thousands of validation images, often an easy task such as the
+    modality of a scan): a size chosen to fit only that minimum would make such a run last most of the budget.
+    Fitting SIZE_HEADROOM times the minimum ends a saturated run within about half the budget, and gives a
+    hard one at least that many times its minimum epochs, rather than the bare minimum at a larger size."""
+    needed = min_epochs(n_train)
+    if n_train < LARGE_TRAIN:
+        return needed, ""
+    return SIZE_HEADROOM * needed, (f"{n_train} training images (≥ {LARGE_TRAIN}): the size must fit "
+                                    f"{SIZE_HEADROOM}× the {needed} minimum epochs, so a run whose validation "
+                                    f"saturates ends within about half the budget")
+
+
 def _choose_size(cands: list[tuple[str, int, str]], measure: _Prober, n_train: int, n_val: int,
-                 budget: float) -> dict[str, Any]:
-    """The first candidate whose `min_epochs` fit `budget` minutes for one model trained on n_train images
-    and validated on n_val; else the cheapest. Returns {"chosen": (stem, size, why, probe or None), "fits",
-    "why_not", "probes"}."""
+                 budget: float, needed: int | None = None) -> dict[str, Any]:
+    """The first candidate of which `needed` epochs (default: `min_epochs`) fit `budget` minutes for one model
+    trained on n_train images and validated on n_val; else the cheapest. Returns {"chosen": (stem, size, why,
+    probe or None), "fits", "why_not", "probes"}."""
     if not measure.do_probe:  # nothing to fit: no probe, so fixed-epoch runs (and tests) start at once
         return {"chosen": (*cands[0], None), "fits": True, "why_not": "", "probes": []}
-    needed = min_epochs(n_train)
+    needed = needed or min_epochs(n_train)
     too_slow = math.inf  # cost of the cheapest candidate measured not to fit
     probes: list[dict[str, Any]] = []
     for stem, size, why in cands:
@@ -505,8 +523,12 @@ def make_plan(fp: dict[str, Any], time_budget: float | None = None, base: dict |
         fold_train, fold_val = n_train, n_val
     # each of world_size processes trains and validates 1/world_size of every epoch: as if the budget were that larger
     model_budget = budget / models_trained * world_size
-    search = _choose_size(cands, measure, fold_train, fold_val, model_budget)
+    needed, headroom_why = size_epochs(fold_train)
+    search = _choose_size(cands, measure, fold_train, fold_val, model_budget, needed)
     stem, size, why, measured = search["chosen"]
+    if headroom_why and any(row["epochs_in_budget"] >= min_epochs(fold_train) for row in search["probes"]
+                            if (row["stem"], row["size"]) != (stem, size)):
+        why += f"; {headroom_why}"  # a more accurate size fitted the minimum, not the headroom
     deeper = (_deeper_model(measure, cands, search, fold_train, fold_val, model_budget)
               if not finetune and "model" not in fixed else None)
     if deeper is not None:  # a fast device with budget to spare: the same fit, one rung up in depth

@@ -1,4 +1,5 @@
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,16 @@ def test_failed_decode_leaves_no_partial_cache_and_skip_bad_caches(split_folder,
     store, skipped = build_store(source, "train", 12, 1, skip_bad=True, cache_dir=str(cache))
     again, skipped_again = build_store(source, "train", 12, 1, skip_bad=True, cache_dir=str(cache))
     assert len(store) == len(again) == 48 and skipped == skipped_again and len(skipped) == 1
+
+
+def test_listed_images_are_strings_in_path_component_order(tmp_path):
+    """`list_images` sorts path strings as Paths sort (by component): "a/x" before "a-b/x", which plain string
+    order puts after it ("-" < "/"); the order decides seeded splits, so it must not change."""
+    for rel in ("a-b/x.png", "a/x.png", "a/b/y.png", "a.b/z.png", "A/w.png", ".hidden.png", "a/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    found = sources.list_images(tmp_path)
+    assert all(isinstance(p, str) for p in found)
+    assert found == [str(p) for p in sorted(Path(p) for p in found)]
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in found] == [
+        "A/w.png", "a/b/y.png", "a/x.png", "a-b/x.png", "a.b/z.png"]

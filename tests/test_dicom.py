@@ -1,6 +1,8 @@
 """DICOM decoding: each kind gives the intended 8-bit pixels; bad DICOM inputs give one line and exit 2."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pydicom
 import pytest
@@ -67,9 +69,9 @@ def test_extensionless_and_uid_named_dicoms_are_images_in_folders(tmp_path, gray
         write_kind(tmp_path / cls / name, gray, "mono8", patient=name)
     (tmp_path / "a" / "README").write_text("not an image")
     found = sources.list_images(tmp_path)
-    assert sorted(p.name for p in found) == ["1.2.840.1.320", "1.2.840.1.321", "IM0001", "IM0002"]
+    assert sorted(Path(p).name for p in found) == ["1.2.840.1.320", "1.2.840.1.321", "IM0001", "IM0002"]
     assert decode_image(str(found[0]), 10).shape == (10, 10)
-    assert probe_folder_size([str(p) for p in found]) == 20
+    assert probe_folder_size(found) == 20
 
 
 def test_patient_ids_become_groups_when_every_image_is_a_dicom(tmp_path, gray):

@@ -107,6 +107,22 @@ def test_epochs_fit_the_budget_and_a_slow_machine_picks_a_cheaper_size(monkeypat
     assert slow["settings"]["monitor"] == "loss" and slow["settings"]["batch_size"] == 128
 
 
+def test_large_data_picks_a_size_that_fits_twice_its_minimum_epochs(monkeypatch):
+    """A large set (MedNIST-like) whose validation saturates trains its minimum 3 epochs: at a size that fits only
+    those, that run would take most of the budget. A size that fits twice the minimum is chosen instead; a small
+    set on the same machine keeps the larger size that fits its minimum."""
+    monkeypatch.setattr(plan_module, "probe", _fake_probe(img_per_s=120)[0])
+    large = plan_module.make_plan(_fp(64, n_train=47000, k=6, kind="folder"), time_budget=10)
+    at_64 = next(row for row in large["probe"] if row["size"] == 64)
+    assert large["min_epochs"] <= at_64["epochs_in_budget"] < 2 * large["min_epochs"]  # the old rule took 64 px
+    assert large["settings"]["size"] == 48 and large["settings"]["epochs"] >= 2 * large["min_epochs"]
+    assert "must fit 2× the 3 minimum epochs" in large["reasons"]["size"]
+    monkeypatch.setattr(plan_module, "probe", _fake_probe(img_per_s=40)[0])
+    small = plan_module.make_plan(_fp(64, n_train=5000, k=6, kind="folder"), time_budget=10)
+    assert small["settings"]["size"] == 64 and small["settings"]["epochs"] < 2 * small["min_epochs"]
+    assert "minimum epochs" not in small["reasons"]["size"]
+
+
 def test_imbalance_and_fixed_settings(monkeypatch):
     probe, _ = _fake_probe(img_per_s=2000)
     monkeypatch.setattr(plan_module, "probe", probe)
