@@ -380,13 +380,25 @@ def has_leakage(findings: dict) -> bool:
                 or findings.get("label_conflicts"))
 
 
-def brief(source: Source, progress: bool = False) -> dict:
-    """The cheap check `train` runs first: exact duplicates across splits and groups in two splits."""
+def brief(source: Source, progress: bool = False, hashes: list[str | None] | None = None) -> dict:
+    """The cheap check `train` runs first: exact duplicates across splits and groups in two splits.
+    `hashes`: every image's content hash in flattened order, where the caller has them (`store_hashes`); else
+    each file is read here."""
     images = flatten(source)
-    hashes, _, _ = read_files(source, progress, headers=False)
+    if hashes is None:
+        hashes, _, _ = read_files(source, progress, headers=False)
     _, cross = exact_pairs(exact_groups(hashes), images)
     return {"checks": ["exact cross-split duplicates", "group overlap"], "method": {"exact": method(source)["exact"]},
             "cross_split_duplicates": pair_findings(cross, images, "exact")[1], "group_overlap": group_overlap(source)}
+
+
+def store_hashes(source: Source, stores: dict) -> list[str | None] | None:
+    """The content hashes `read_files` would compute, from the digests the stores took while decoding the same
+    files (flattened order; None where a file could not be read); None unless every split's store has them."""
+    if source.kind == "npz" or any(getattr(stores.get(name), "digests", None) is None for name in source.splits):
+        return None
+    return [digest.tobytes().hex() if digest.any() else None
+            for name in source.splits for digest in stores[name].digests]
 
 
 def warn(findings: dict, limit: int = 5, data: str = "DATA") -> None:

@@ -268,7 +268,7 @@ def _train(cfg: TrainConfig, state: dict | None, explicit: set[str], force: bool
     runtime.seed_everything(cfg.seed)
     with _disk_full_is_one_line(cache_root(cfg.cache_dir)):  # rank 0 decodes into the cache, the others read it
         source, stores, spec, skipped = distributed.main_first(world, lambda: load_data(cfg, base, source, facts))
-    checked = None if resume or not world.is_main else brief_doctor(source, str(cfg.data), progress)
+    checked = None if resume or not world.is_main else brief_doctor(source, str(cfg.data), progress, stores)
     spec["weights"] = "none" if base is None and cfg.weights != "imagenet" else cfg.weights
     device = distributed.rank_device(runtime.pick_device(cfg.device), world)
     precision = runtime.pick_precision(cfg.precision, device)
@@ -487,11 +487,12 @@ def _early_end(cfg: TrainConfig, history: list[dict], bad_epochs: int, n_val: in
     return f"{reason}; schedule finished over {sched.last_step + 1 - taken} more step(s)", False
 
 
-def brief_doctor(source: sources.Source, data: str, progress: bool) -> dict:
-    """`medclf doctor`'s cheap checks (exact duplicates across splits, patients in two splits): warnings only."""
-    from .doctor import brief, warn  # the module, not the medclf.doctor function of the same name
+def brief_doctor(source: sources.Source, data: str, progress: bool, stores: dict[str, Store] | None = None) -> dict:
+    """`medclf doctor`'s cheap checks (exact duplicates across splits, patients in two splits): warnings only.
+    The files' content hashes come from `stores` when their decode took them (no file is read twice)."""
+    from .doctor import brief, store_hashes, warn  # the module, not the medclf.doctor function of the same name
 
-    checked = brief(source, progress)
+    checked = brief(source, progress, store_hashes(source, stores or {}))
     warn(checked, data=data)
     return checked
 

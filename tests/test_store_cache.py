@@ -291,3 +291,84 @@ def test_reserved_npy_writes_zeros_where_fallocate_is_unsupported(tmp_path, monk
     mm.flush()
     assert os.stat(tmp_path / "x.npy").st_blocks * 512 >= 128
     assert np.load(tmp_path / "x.npy").sum() == 7 * 64
+
+
+def _with_duplicates(split_folder: Path) -> Path:
+    """The split folder with one train image copied into val (an exact cross-split duplicate) and one corrupt file."""
+    first = sorted((split_folder / "train" / "NORMAL").iterdir())[0]
+    shutil.copy(first, split_folder / "val" / "NORMAL" / "copied.png")
+    (split_folder / "test" / "PNEUMONIA" / "broken.png").write_bytes(b"not a png")
+    return split_folder
+
+
+def test_worker_processes_decode_the_same_pixels_and_digests_as_threads(split_folder, tmp_path, monkeypatch):
+    """Large splits decode in forked processes: the pixels, the skipped files and the files' SHA-256 match the
+    thread decode; a bad file without --skip-bad is the same one-line error."""
+    import hashlib
+
+    source = sources.open_source(_with_duplicates(split_folder))
+    monkeypatch.setattr(store, "PROCESS_MIN_IMAGES", 10**9)
+    threads, skipped = build_store(source, "test", 12, 1, skip_bad=True, cache=False)
+    monkeypatch.setattr(store, "PROCESS_MIN_IMAGES", 1)
+    assert isinstance(store._decode_pool(40), store.ProcessPoolExecutor) == sys.platform.startswith("linux")
+    processes, skipped_too = build_store(source, "test", 12, 1, skip_bad=True, cache=False)
+    assert skipped == skipped_too and len(skipped) == 1 and skipped[0].endswith("broken.png")
+    assert np.array_equal(_pixels(threads), _pixels(processes)) and threads.ids == processes.ids
+    paths = source.splits["test"].paths
+    assert np.array_equal(threads.digests, processes.digests) and processes.digests.shape == (len(paths), 32)
+    assert [d.tobytes() for d in processes.digests] == [hashlib.sha256(Path(p).read_bytes()).digest() for p in paths]
+    with pytest.raises(MedclfError, match="broken.png"):
+        build_store(source, "test", 12, 1, cache=False)
+    cached, _ = build_store(source, "test", 12, 1, skip_bad=True, cache_dir=str(tmp_path / "c"))
+    again, _ = build_store(source, "test", 12, 1, skip_bad=True, cache_dir=str(tmp_path / "c"))  # a cache hit
+    assert np.array_equal(cached.digests, processes.digests) and np.array_equal(again.digests, processes.digests)
+
+
+def test_the_training_duplicate_check_uses_the_decode_digests_and_reads_no_file_again(split_folder, monkeypatch):
+    import importlib
+
+    from medclf import training
+
+    doctor_module = importlib.import_module("medclf.doctor")  # the module: medclf.doctor is also the function
+
+    source = sources.open_source(_with_duplicates(split_folder))
+    stores = {name: build_store(source, name, 12, 1, skip_bad=True, cache=False)[0] for name in source.splits}
+    expected = doctor_module.brief(source)  # reads and hashes every file
+    hashes = doctor_module.store_hashes(source, stores)
+    assert hashes == doctor_module.read_files(source, progress=False, headers=False)[0]
+    monkeypatch.setattr(doctor_module, "read_files", lambda *a, **k: pytest.fail("a file was read again"))
+    checked = training.brief_doctor(source, str(split_folder), progress=False, stores=stores)
+    assert checked == expected and len(checked["cross_split_duplicates"]) == 1
+    without = dict(stores, val=store.Store(stores["val"].images, stores["val"].labels, stores["val"].ids))
+    assert doctor_module.store_hashes(source, without) is None  # a store without digests: the files are read
+
+
+def test_ctrl_c_during_a_process_decode_stops_it_promptly_and_leaves_no_store(split_folder, tmp_path):
+    """SIGINT to medclf while worker processes decode: the queued work is dropped (it does not decode the rest of
+    the split first), the workers go, and no temporary store is left in the cache."""
+    script = textwrap.dedent(f"""
+        import time, numpy as np
+        from medclf.data import sources, store
+        store.PROCESS_MIN_IMAGES = 1
+        real = store.decode_image
+        def slow(path, size):  # inherited by the forked workers
+            time.sleep(0.05)
+            return real(path, size)
+        store.decode_image = slow
+        source = sources.open_source({str(split_folder)!r})
+        source.splits["train"].paths *= 40  # 1,920 images: about a minute of decoding
+        source.splits["train"].labels = np.tile(source.splits["train"].labels, 40)
+        print("decoding", flush=True)
+        store.build_store(source, "train", 12, 1, cache_dir={str(tmp_path / "c")!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "decoding"
+    time.sleep(2)
+    started = time.monotonic()
+    proc.send_signal(2)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 10, "the rest of the split was decoded before Ctrl-C was answered"
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(cache.TMP_PREFIX)]
+    assert not (tmp_path / "c").exists() or not any(cache.is_store_folder(p) for p in (tmp_path / "c").iterdir())

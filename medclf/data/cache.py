@@ -8,8 +8,9 @@ version; the stored size, channel count and data kind; for image files, the DICO
 split order), byte size and modification time (nanoseconds), plus a hash of the files' contents
 when the split's files total at most 64 MB; for an .npz file, its resolved path, byte size,
 modification time, the split's array name and row indices, plus a hash of the file's contents
-when it is at most 64 MB. The cache holds pixels and the list of files skipped as unreadable, and
-nothing else: class names, labels and ids are read from the data on every open, so a model with
+when it is at most 64 MB. The cache holds pixels, the list of files skipped as unreadable and, for
+image files, each file's SHA-256 (taken while decoding, for the exact-duplicate check), and nothing
+else: class names, labels and ids are read from the data on every open, so a model with
 another class list never sees stale labels. A store that skipped unreadable files is used only
 with --skip-bad, as a fresh decode would be. Not detected: a file above those sizes whose bytes
 change while its size and modification time stay the same (e.g. restored with `cp -p`); use
@@ -162,7 +163,7 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-STORE_FILES = frozenset({"images.npy", "meta.json"})
+STORE_FILES = frozenset({"images.npy", "digests.npy", "meta.json"})
 _KEY_NAME = re.compile(r"[0-9a-f]{20}")  # cache_key's form: only such folders are stores
 
 

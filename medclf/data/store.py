@@ -7,12 +7,16 @@ for data stays in its file and is read in chunks (`chunks.py`), so data larger t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +44,9 @@ class Store:
     labels: torch.Tensor  # int64 N, -1 where unknown
     ids: list[str]
     reader: ChunkReader | None = field(default=None, repr=False, compare=False)  # set for a cached memmap
+    # the SHA-256 of every file of the split the store was decoded from (split order, N_split×32 uint8, zeros where
+    # a file could not be read; skipped files included), for the exact-duplicate check; None for arrays (.npz)
+    digests: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def chunk(self) -> int:
@@ -234,9 +241,9 @@ def build_store(source: Source, split_name: str, size: int, channels: int, skip_
     split = source.splits[split_name]
     desc = desc or split_name
     if not cache:
-        images, keep, reasons = _decode(source, split, np.empty((len(split), channels, size, size), np.uint8),
-                                        skip_bad, desc)
-        return _store(images, split, keep), _skipped_paths(split, reasons)
+        images, keep, reasons, digests = _decode(source, split, np.empty((len(split), channels, size, size), np.uint8),
+                                                 skip_bad, desc)
+        return _store(images, split, keep, digests=digests), _skipped_paths(split, reasons)
     root = cache_root(cache_dir)
     folder = root / disk_cache.cache_key(split, source, size, channels)
     hit = _cache_hit(folder, split, skip_bad)
@@ -246,12 +253,12 @@ def build_store(source: Source, split_name: str, size: int, channels: int, skip_
     return _decode_and_cache(source, split, size, channels, skip_bad, desc, root, folder)
 
 
-def _store(images: np.ndarray | torch.Tensor, split: Split, keep: np.ndarray, reader: ChunkReader | None = None
-           ) -> Store:
+def _store(images: np.ndarray | torch.Tensor, split: Split, keep: np.ndarray, reader: ChunkReader | None = None,
+           digests: np.ndarray | None = None) -> Store:
     if isinstance(images, np.ndarray) and not isinstance(images, np.memmap):
         images = torch.from_numpy(images)
     ids = split.ids  # a property that builds the whole list: once, not once per image
-    return Store(images, torch.from_numpy(split.labels[keep]), [ids[i] for i in keep], reader)
+    return Store(images, torch.from_numpy(split.labels[keep]), [ids[i] for i in keep], reader, digests)
 
 
 def _cache_hit(folder: Path, split: Split, skip_bad: bool) -> tuple[Store, list[str]] | None:
@@ -261,6 +268,7 @@ def _cache_hit(folder: Path, split: Split, skip_bad: bool) -> tuple[Store, list[
         skipped_rows = [int(i) for i in meta["skipped_rows"]]
         reasons = list(meta["skipped_reasons"])
         images, reader = _load_pixels(folder)
+        digests = _load_digests(folder, len(split))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):  # damaged or from an older medclf: decode afresh
@@ -273,7 +281,7 @@ def _cache_hit(folder: Path, split: Split, skip_bad: bool) -> tuple[Store, list[
         shutil.rmtree(folder, ignore_errors=True)
         return None
     disk_cache.mark_used(folder)
-    return _store(images, split, keep, reader), _skipped_paths(split, dict.fromkeys(skipped_rows, ""))
+    return _store(images, split, keep, reader, digests), _skipped_paths(split, dict.fromkeys(skipped_rows, ""))
 
 
 def _decode_and_cache(source: Source, split: Split, size: int, channels: int, skip_bad: bool, desc: str,
@@ -291,7 +299,7 @@ def _decode_and_cache(source: Source, split: Split, size: int, channels: int, sk
         _cache_unwritable(root, exc, tmp)
         tmp, out = None, np.empty(shape, np.uint8)
     try:
-        images, keep, reasons = _decode(source, split, out, skip_bad, desc)
+        images, keep, reasons, digests = _decode(source, split, out, skip_bad, desc)
     except BaseException:  # bad image, Ctrl-C: leave no half-written store behind
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -299,14 +307,14 @@ def _decode_and_cache(source: Source, split: Split, size: int, channels: int, sk
     if tmp is not None:
         try:
             _finish_cache(tmp, folder, images, reasons, {"data": str(source.root), "split": desc, "size": size,
-                                                         "channels": channels})
+                                                         "channels": channels}, digests)
             cached = _cache_hit(folder, split, skip_bad=True)  # memory-mapped when large: this copy is dropped
             if cached is not None:
                 return cached
         except OSError as exc:
             images = np.array(images)  # read the pixels back before their file goes
             _cache_unwritable(root, exc, tmp)
-    return _store(np.asarray(images), split, keep), _skipped_paths(split, reasons)
+    return _store(np.asarray(images), split, keep, digests=digests), _skipped_paths(split, reasons)
 
 
 def _skipped_paths(split: Split, reasons: dict[int, str]) -> list[str]:
@@ -328,9 +336,10 @@ def _cache_unwritable(root: Path, exc: OSError, tmp: Path | None) -> None:
 
 
 def _decode(source: Source, split: Split, out: np.ndarray, skip_bad: bool, desc: str):
-    """Decode split into out; returns the kept images, kept indices and {row: reason} of the skipped files."""
+    """Decode split into out; returns the kept images, kept indices, {row: reason} of the skipped files and the
+    files' SHA-256 digests (None for an .npz)."""
     if source.kind == "npz":
-        return _decode_npz(source, split, out.shape[-1], out.shape[1]), np.arange(len(split)), {}
+        return _decode_npz(source, split, out.shape[-1], out.shape[1]), np.arange(len(split)), {}, None
     return _decode_files(split.paths, out, skip_bad, desc)
 
 
@@ -358,43 +367,82 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Te
     return out
 
 
-DECODE_TASK = 16  # images decoded per thread-pool task
+DECODE_TASK = 16  # images decoded per task: with small images, one task per image costs as much as its decode
+PROCESS_MIN_IMAGES = 2000  # splits from this size decode in worker processes where the platform forks
+DIGEST_BYTES = 32  # SHA-256
+
+
+def _decode_rows(paths: list[str], size: int, channels: int, skip_bad: bool
+                 ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Decode a run of files: (pixels len×C×S×S, SHA-256 of each file's bytes len×32 with zeros where the file
+    cannot be read, {offset: reason} of the files skipped as unreadable). The digest is taken here, from the file
+    the decode reads anyway (then in the page cache), so that the exact-duplicate check reads no file again."""
+    pixels = np.zeros((len(paths), channels, size, size), np.uint8)
+    digests = np.zeros((len(paths), DIGEST_BYTES), np.uint8)
+    reasons: dict[int, str] = {}
+    for i, path in enumerate(paths):
+        with contextlib.suppress(OSError):  # a file that cannot be read: the decoder below says why
+            digests[i] = np.frombuffer(hashlib.sha256(Path(path).read_bytes()).digest(), np.uint8)
+        try:
+            pixels[i] = _to_channels(decode_image(path, size), channels)
+        except MedclfError as exc:
+            if not skip_bad:
+                raise
+            reasons[i] = str(exc)
+    return pixels, digests, reasons
+
+
+def _worker_start() -> None:
+    """A decode process: PIL's decompression-bomb warning is an error there for its whole life."""
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent answers it
+
+
+def _decode_pool(n_images: int) -> Executor:
+    """Worker processes for a large split on Linux (fork: they start at once and share the loaded modules;
+    decoding small files is mostly Python work that threads would serialise on the GIL); threads otherwise."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n_images >= PROCESS_MIN_IMAGES and cpus > 1 and sys.platform.startswith("linux"):
+        return ProcessPoolExecutor(min(8, cpus), mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_worker_start)
+    return ThreadPoolExecutor(min(8, cpus * 2))  # PIL releases the GIL while decoding
 
 
 def _decode_files(paths: list[str], images: np.ndarray, skip_bad: bool, desc: str):
-    """Decode every file into images (N×C×S×S); returns the kept images, kept indices and {row: reason} skipped."""
+    """Decode every file into images (N×C×S×S); returns the kept images, kept indices, {row: reason} skipped, and
+    every file's SHA-256 (N×32, zeros where unreadable)."""
     channels, size = images.shape[1], images.shape[-1]
     reasons: dict[int, str] = {}
-
-    def work(rows: range) -> int:
-        for i in rows:
-            try:
-                images[i] = _to_channels(decode_image(paths[i], size), channels)
-            except MedclfError as exc:
-                if not skip_bad:
-                    raise
-                reasons[i] = str(exc)
-        return len(rows)
-
-    threads = min(8, (os.cpu_count() or 1) * 2)  # PIL releases the GIL while decoding
+    digests = np.zeros((len(paths), DIGEST_BYTES), np.uint8)
     block = rows_per_block(images)  # a memory map is written block by block, each block's pages then released
-    with _bombs_are_errors(), ThreadPoolExecutor(threads) as pool, \
-            tqdm(total=len(paths), desc=f"decode {desc}", unit="img", leave=False, disable=len(paths) < 500) as bar:
-        for start in range(0, len(paths), block):
-            stop = min(len(paths), start + block)
-            # a task per DECODE_TASK images: with small images, one future per image costs as much as its decode
-            tasks = [range(i, min(stop, i + DECODE_TASK)) for i in range(start, stop, DECODE_TASK)]
-            for done in pool.map(work, tasks):
-                bar.update(done)
-            release_pages(images, start, stop)
+    pool = _decode_pool(len(paths))
+    try:
+        with _bombs_are_errors(), tqdm(total=len(paths), desc=f"decode {desc}", unit="img", leave=False,
+                                       disable=len(paths) < 500) as bar:
+            for start in range(0, len(paths), block):
+                stop = min(len(paths), start + block)
+                firsts = range(start, stop, DECODE_TASK)
+                runs = [paths[i:min(stop, i + DECODE_TASK)] for i in firsts]
+                done = pool.map(_decode_rows, runs, *([x] * len(runs) for x in (size, channels, skip_bad)))
+                for first, (pixels, run_digests, failed) in zip(firsts, done):
+                    images[first:first + len(pixels)] = pixels
+                    digests[first:first + len(pixels)] = run_digests
+                    reasons.update({first + i: reason for i, reason in failed.items()})
+                    bar.update(len(pixels))
+                release_pages(images, start, stop)
+    finally:  # a bad image or Ctrl-C: queued work is dropped, not decoded before the error is answered
+        pool.shutdown(wait=True, cancel_futures=True)
     keep = np.setdiff1d(np.arange(len(paths)), list(reasons))
     if skip_bad and not len(keep):
         raise MedclfError(f"every image in the {desc} split is unreadable")
-    return (images if len(keep) == len(paths) else np.asarray(images[keep])), keep, reasons
+    return (images if len(keep) == len(paths) else np.asarray(images[keep])), keep, reasons, digests
 
 
-def _finish_cache(tmp: Path, folder: Path, images: np.ndarray, reasons: dict[int, str], described: dict) -> None:
+def _finish_cache(tmp: Path, folder: Path, images: np.ndarray, reasons: dict[int, str], described: dict,
+                  digests: np.ndarray | None = None) -> None:
     """Complete the temporary store and rename it into place (the rename makes the whole store appear at once)."""
+    if digests is not None:
+        np.save(tmp / "digests.npy", digests)
     path = tmp / "images.npy"
     if isinstance(images, np.memmap) and images.filename and Path(images.filename) == path.resolve():
         images.flush()
@@ -410,6 +458,17 @@ def _finish_cache(tmp: Path, folder: Path, images: np.ndarray, reasons: dict[int
         if not folder.is_dir():
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same store first
+
+
+def _load_digests(folder: Path, n: int) -> np.ndarray | None:
+    """The cached files' digests; None where the store has none (an .npz, or cached by an earlier medclf)."""
+    path = folder / "digests.npy"
+    if not path.is_file():
+        return None
+    digests = np.load(path)
+    if digests.shape != (n, DIGEST_BYTES):
+        raise ValueError(f"{path}: {digests.shape} digests for {n} files")
+    return digests
 
 
 def _load_pixels(folder: Path) -> tuple[torch.Tensor | np.ndarray, ChunkReader | None]:
