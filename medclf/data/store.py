@@ -1,6 +1,6 @@
 """The decoded store: each split decoded, converted and resized once into one uint8 N×C×H×W array.
 
-Every epoch reuses it. Stores are cached on disk as .npy files (pixels only; `cache.py` says exactly
+Every epoch reuses it. Stores are cached on disk as .npy files (pixels and file digests; `cache.py` says exactly
 what the cache key covers), so a second run starts in seconds; a cached store larger than the RAM budget
 for data stays in its file and is read in chunks (`chunks.py`), so data larger than RAM still trains.
 """
@@ -236,7 +236,7 @@ def build_store(source: Source, split_name: str, size: int, channels: int, skip_
                 cache: bool = True, cache_dir: str | None = None, desc: str | None = None) -> tuple[Store, list[str]]:
     """Decode one split (or load its pixels from the cache). Returns the store and the files skipped as unreadable.
 
-    Labels and ids always come from `source`; the cache holds pixels only (see `cache.py` for its key).
+    Labels and ids always come from `source`; the cache holds pixels and file digests (see `cache.py` for its key).
     """
     split = source.splits[split_name]
     desc = desc or split_name
@@ -393,7 +393,8 @@ def _decode_rows(paths: list[str], size: int, channels: int, skip_bad: bool
 
 
 def _worker_start() -> None:
-    """A decode process: PIL's decompression-bomb warning is an error there for its whole life."""
+    """A decode process: PIL's decompression-bomb warning is an error there for its whole life, and Ctrl-C is left
+    to the parent (it reaches the whole process group), which drops the queued work and cleans up."""
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent answers it
 
