@@ -101,6 +101,22 @@ def proportion_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, f
     return float(ci.low), float(ci.high)
 
 
+def sampled_test_accuracy_range(value: float, ci: tuple[float, float] | None, m: int, alpha: float = 0.05,
+                   draws: int = 20_000, seed: int = 0) -> tuple[float, float]:
+    """The central 1 - alpha range of the accuracy that a test set of m new images would show, for an expected
+    accuracy `value` with confidence interval `ci`. The CI is for the expected value; a finite test set adds its
+    own binomial sampling error on top (the larger part for a few hundred images), so its accuracy can fall
+    outside the CI of an estimate that is not optimistic. The expected value is drawn from a normal of the CI's
+    half-width / 1.96 (clipped to [0, 1]), then each test set's correct count from a binomial."""
+    assert m >= 1 and 0.0 <= value <= 1.0
+    rng = np.random.default_rng(seed)
+    se = 0.0 if ci is None else max(0.0, ci[1] - ci[0]) / (2 * 1.959964)
+    expected = np.clip(rng.normal(value, se, draws), 0.0, 1.0)
+    scores = rng.binomial(m, expected) / m
+    low, high = np.quantile(scores, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
 def paired_bootstrap_diff(
     metric: Metric,
     y_true: np.ndarray,

@@ -16,6 +16,7 @@ from medclf.cli import main
 from medclf.metrics import METHOD_VAL, SMALL_ESTIMATE_N, estimate
 from medclf.reporting.html import fmt
 from medclf.reporting.run_report import report
+from medclf.stats import sampled_test_accuracy_range
 
 from conftest import FAST_FLAGS, make_image, make_split_folder, write_class_folders
 from foldsrun import fake_folds_run
@@ -133,6 +134,11 @@ def test_report_shows_the_estimate_of_metrics_json(run_without_report, tmp_path)
     check_numbers(text, saved)
     section = _estimate_section(text)
     assert "unbiased" in section and "optimistic" not in section and 'class="note"' not in section
+    # what a user's own test set will show: the sampled range of its accuracy, from the estimate, per size
+    acc = saved["estimate"]["accuracy"]
+    for m in (100, 500):
+        low, high = sampled_test_accuracy_range(acc["value"], acc["ci95"], m)
+        assert f"of {m} images, between {low:.3f} and {high:.3f}" in section
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from medclf.stats import (
     mean_std,
     paired_bootstrap_diff,
     reliability_bins,
+    sampled_test_accuracy_range,
 )
 
 
@@ -272,3 +273,31 @@ def test_weighted_bootstrap_equals_one_resample_at_a_time(k, n):
         np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=1e-12, equal_nan=True, err_msg=name)
         if n <= 12 and name.startswith("recall"):
             assert np.isnan(slow).any(), name  # the undefined case is exercised
+
+
+def test_a_test_sets_accuracy_falls_in_its_sampled_range_not_in_the_estimates_ci():
+    """An unbiased estimate from 624 images (out-of-fold size of a 624-image set) and test sets of 150 images from
+    the same source: the Wilson CI of the expected accuracy holds far fewer than 95% of the test sets' accuracies
+    (it is not meant to); the sampled range for 150 images holds about 95%."""
+    from medclf.stats import proportion_ci
+
+    rng = np.random.default_rng(0)
+    true, n, m, trials = 0.9, 624, 150, 400
+    in_ci = in_range = 0
+    for t in range(trials):
+        correct = int(rng.binomial(n, true))
+        ci = proportion_ci(correct, n)
+        low, high = sampled_test_accuracy_range(correct / n, ci, m, draws=4000, seed=t)
+        test = rng.binomial(m, true) / m
+        in_ci += ci[0] <= test <= ci[1]
+        in_range += low <= test <= high
+    assert in_ci / trials < 0.75
+    assert 0.92 <= in_range / trials <= 0.99
+
+
+def test_the_sampled_range_narrows_to_the_ci_for_a_huge_test_set_and_stays_in_0_1():
+    low, high = sampled_test_accuracy_range(0.9, (0.88, 0.92), 10**7)
+    assert low == pytest.approx(0.88, abs=0.002) and high == pytest.approx(0.92, abs=0.002)
+    low, high = sampled_test_accuracy_range(1.0, (0.995, 1.0), 100)
+    assert 0.97 <= low <= 1.0 and high == 1.0
+    assert sampled_test_accuracy_range(0.8, None, 100) == sampled_test_accuracy_range(0.8, (0.8, 0.8), 100)

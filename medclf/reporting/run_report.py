@@ -16,7 +16,7 @@ from ..data.store import Store
 from ..errors import MedclfError
 from ..gradcam import grad_cam, overlay
 from ..oof import read_oof
-from ..stats import bootstrap_ci, expected_calibration_error, proportion_ci, reliability_bins
+from ..stats import bootstrap_ci, expected_calibration_error, proportion_ci, reliability_bins, sampled_test_accuracy_range
 from . import figures
 from . import html as H
 
@@ -190,7 +190,23 @@ def _expectation(saved: dict, evaluated: dict, classes: list[str], n_boot: int) 
     origin = ("" if key is not None else '<p class="muted">metrics.json of this run has no estimate (made by an '
               f"older medclf): computed here from its {'out-of-fold' if 'oof' in evaluated else 'validation'} "
               "predictions.</p>")
-    return text + warnings + H.table(["metric", "expected value", "95% CI"], rows) + origin
+    return text + warnings + H.table(["metric", "expected value", "95% CI"], rows) + _test_sets(est) + origin
+
+
+TEST_SET_SIZES = (100, 500)  # test sets a user is likely to check the model on
+
+
+def _test_sets(est: dict) -> str:
+    """What accuracy a user's own test set will show: the CI is for the expected value, and a test set of a few
+    hundred images scatters around that by its own sampling error, so say how far (HTML)."""
+    acc = est.get("accuracy") or {}
+    if acc.get("value") is None:
+        return ""
+    ranges = [(m, sampled_test_accuracy_range(acc["value"], acc.get("ci95"), m)) for m in TEST_SET_SIZES]
+    spans = "; ".join(f"of {m} images, between {lo:.3f} and {hi:.3f}" for m, (lo, hi) in ranges)
+    return ('<p class="muted" id="test-sets">The intervals are for the expected value. A test set of your own adds '
+            f"its own sampling error: 95% of test sets {spans} (accuracy). A small test set outside the interval "
+            "is not by itself a sign that the estimate was too high.</p>")
 
 
 def _fallback_estimate(evaluated: dict, classes: list[str], n_boot: int) -> dict | None:
