@@ -373,6 +373,8 @@ def fit(cfg: TrainConfig, spec: dict, base: dict | None, train_store: Store, val
     history, best, start_epoch = [], -math.inf, 0
     if state is not None:
         history, best, start_epoch = _restore(state, model, ema, optimizer, scheduler, env["scaler"], gen, out)
+        if world.is_main:  # last.pt is the record: a kill after it was saved left history.csv an epoch behind
+            write_history(out / "history.csv", history)
     started = time.perf_counter() - (state or {}).get("elapsed", 0.0)  # the time budget's clock, continued on resume
     deadline = started + cfg.time_budget * 60 if cfg.time_budget else None
     bad_epochs = _epochs_since_best(history, cfg.monitor) if val_store is not None else 0

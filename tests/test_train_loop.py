@@ -240,3 +240,23 @@ def test_resume_state_that_does_not_fit_is_one_line(tmp_path, monkeypatch, capsy
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"medclf: error: cannot resume {run}: last.pt does not fit this run"), err
+
+
+def test_a_kill_between_last_pt_and_history_csv_loses_no_epoch(tmp_path, monkeypatch):
+    """The epoch's last.pt is saved, then history.csv is written: a process killed between the two leaves
+    history.csv an epoch behind, and a resume that finds training finished must still bring it up to date."""
+    data = make_split_folder(tmp_path / "d")
+    run = tmp_path / "run"
+    real = training.write_history
+
+    def killed_after_the_last_checkpoint(path, history):
+        if len(history) == 2:
+            raise KeyboardInterrupt  # the run dies here: last.pt already holds epoch 2, finished
+        real(path, history)
+
+    monkeypatch.setattr(training, "write_history", killed_after_the_last_checkpoint)
+    assert main(["train", str(data), *FAST_FLAGS, "--out", str(run)]) == 130
+    assert len(list(csv.DictReader(open(run / "history.csv")))) == 1
+    monkeypatch.setattr(training, "write_history", real)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert [int(r["epoch"]) for r in csv.DictReader(open(run / "history.csv"))] == [1, 2]
