@@ -66,11 +66,13 @@ class Source:
         return np.load(self.root, mmap_mode="r")
 
 
-def is_image_file(path: Path) -> bool:
-    """An image by its extension, a .dcm file, or a DICOM named without an image extension (read by its preamble)."""
-    if path.name.startswith("."):
+def is_image_file(path: str | os.PathLike) -> bool:
+    """An image by its extension, a .dcm file, or a DICOM named without an image extension (read by its preamble).
+    String operations, not Path: listing a folder calls this once per file."""
+    name = os.path.basename(path)
+    if name.startswith("."):
         return False
-    suffix = path.suffix.lower()
+    suffix = os.path.splitext(name)[1].lower()
     return (suffix in IMAGE_EXTENSIONS or suffix in dicom.SUFFIXES
             or (dicom.may_be_dicom(path) and dicom.has_preamble(path)))
 
@@ -89,18 +91,9 @@ def list_images(folder: Path, skipped: list[Path] | None = None) -> list[str]:
             skipped += [Path(where) / d for d in dirs if d.lower() in MASK_FOLDERS]
         dirs[:] = [d for d in dirs if not is_skipped_folder(d)]
         found += [path for path in (os.path.join(where, f) for f in files)
-                  if _has_image_name(path) and os.path.isfile(path)]
+                  if is_image_file(path) and os.path.isfile(path)]
     # the separator as the lowest character: string order is then Path's component order ("a/x" before "a-b/x")
     return sorted(found, key=lambda path: path.replace(os.sep, "\0"))
-
-
-def _has_image_name(path: str) -> bool:
-    """`is_image_file` with the common case (an image extension) decided on the string alone."""
-    name = os.path.basename(path)
-    suffix = os.path.splitext(name)[1].lower()
-    if suffix in IMAGE_EXTENSIONS and not name.startswith("."):
-        return True
-    return is_image_file(Path(path))
 
 
 def _class_dirs(folder: Path) -> list[Path]:
